@@ -1,0 +1,139 @@
+// min_norm_point: argmin over the probability simplex of lambda^T M lambda, for a T x T Gram
+// matrix M (MGDA's min-norm element, MetaWeighting's Alg. 2).
+//
+// Methods:
+//  - kPlain:    MetaWeighting Alg. 2 as printed: start at the simplex centre, move toward
+//               the vertex with the smallest (M lambda)_i with exact line search. Sublinear:
+//               it zig-zags near faces and stalls far from the optimum when the minimiser
+//               lies inside a face.
+//  - kAway:     the same plus away steps (Lacoste-Julien & Jaggi, 2015): when moving away
+//               from the worst vertex of the support reduces the objective faster, do that,
+//               possibly dropping the vertex. Converges linearly.
+//  - kPairwise: mass moves from the worst support vertex to the best vertex directly.
+// T = 2 uses the closed form. Stopping rule: every coordinate satisfies the KKT conditions
+// to within tol * max_i M_ii: (M lambda)_i >= lambda^T M lambda - tol' for all i, and
+// (M lambda)_i <= lambda^T M lambda + tol' on the support (the latter not for kPlain, whose
+// iterate keeps every vertex it ever touched).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "pyxtask/checks.h"
+
+namespace pyxtask::detail {
+
+enum class MinNormMethod : int { kAway = 0, kPairwise = 1, kPlain = 2 };
+
+inline MinNormMethod parse_min_norm_method(c10::string_view method) {
+  if (method == "away") return MinNormMethod::kAway;
+  if (method == "pairwise") return MinNormMethod::kPairwise;
+  if (method == "plain") return MinNormMethod::kPlain;
+  PYX_CHECK(false, "min_norm_point", "method must be 'away', 'pairwise' or 'plain', got '",
+            std::string(method), "'");
+  return MinNormMethod::kAway;
+}
+
+inline void check_min_norm(const at::Tensor& M, int64_t max_iter, double tol,
+                           c10::string_view method) {
+  constexpr const char* op = "min_norm_point";
+  PYX_CHECK(M.dim() == 2 && M.sym_size(0) == M.sym_size(1), op,
+            "M must be a square T x T Gram matrix, got shape ", M.sym_sizes());
+  check_float(op, "M", M);
+  PYX_CHECK(M.sym_size(0) >= 1, op, "M must have at least one row");
+  PYX_CHECK(M.sym_size(0) <= kMaxTasks, op, "M has ", M.sym_size(0), " rows; at most ",
+            kMaxTasks, " tasks are supported");
+  PYX_CHECK(max_iter >= 0, op, "max_iter must be >= 0, got ", max_iter);
+  PYX_CHECK(tol >= 0 && std::isfinite(tol), op, "tol must be finite and >= 0, got ", tol);
+  parse_min_norm_method(method);
+}
+
+// The solver proper, on a row-major double matrix; lam receives the result. Shared by the
+// CPU kernel and the C++ tests. Returns the number of iterations run.
+inline int64_t solve_min_norm(const double* M, int64_t T, int64_t max_iter, double tol,
+                              MinNormMethod method, double* lam) {
+  if (T == 1) {
+    lam[0] = 1;
+    return 0;
+  }
+  if (T == 2) {
+    // f(g) = g^2 (M00 + M11 - 2 M01) + 2 g (M01 - M11) + M11, minimised on [0, 1].
+    const double den = M[0] + M[3] - 2 * M[1];
+    const double g = den > 0 ? std::clamp((M[3] - M[1]) / den, 0.0, 1.0) : 0.5;
+    lam[0] = g;
+    lam[1] = 1 - g;
+    return 0;
+  }
+  double scale = 0;
+  for (int64_t i = 0; i < T; ++i) scale = std::max(scale, M[i * T + i]);
+  for (int64_t i = 0; i < T; ++i) lam[i] = 1.0 / static_cast<double>(T);
+  if (!(scale > 0)) return 0;  // M = 0: every point is optimal
+  const double tol_abs = tol * scale;
+  double u[kMaxTasks];  // u = M lam, updated incrementally, recomputed every T steps
+  auto refresh = [&] {
+    double s = 0;
+    for (int64_t i = 0; i < T; ++i) s += lam[i];
+    for (int64_t i = 0; i < T; ++i) lam[i] /= s;
+    for (int64_t i = 0; i < T; ++i) {
+      double acc = 0;
+      for (int64_t j = 0; j < T; ++j) acc += M[i * T + j] * lam[j];
+      u[i] = acc;
+    }
+  };
+  refresh();
+  int64_t it = 0;
+  for (; it < max_iter; ++it) {
+    if (it % T == T - 1) refresh();
+    double f = 0;
+    int64_t s = 0, a = -1;
+    for (int64_t i = 0; i < T; ++i) {
+      f += lam[i] * u[i];
+      if (u[i] < u[s]) s = i;
+      if (lam[i] > 0 && (a < 0 || u[i] > u[a])) a = i;
+    }
+    const double fw_gap = f - u[s];
+    const double away_gap = u[a] - f;
+    if (method == MinNormMethod::kPlain ? fw_gap <= tol_abs : u[a] - u[s] <= tol_abs) break;
+    const double* Ms = M + s * T;
+    const double* Ma = M + a * T;
+    if (method == MinNormMethod::kPairwise) {
+      // d = e_s - e_a
+      const double slope = u[s] - u[a];
+      const double curv = M[s * T + s] - 2 * M[s * T + a] + M[a * T + a];
+      const double g_max = lam[a];
+      const double g = curv > 0 ? std::min(g_max, -slope / curv) : g_max;
+      for (int64_t i = 0; i < T; ++i) u[i] += g * (Ms[i] - Ma[i]);
+      lam[s] += g;
+      lam[a] = g >= g_max ? 0.0 : lam[a] - g;
+    } else if (method == MinNormMethod::kPlain || fw_gap >= away_gap) {
+      // d = e_s - lam
+      const double slope = u[s] - f;
+      const double curv = M[s * T + s] - 2 * u[s] + f;
+      const double g = curv > 0 ? std::min(1.0, -slope / curv) : 1.0;
+      for (int64_t i = 0; i < T; ++i) {
+        u[i] = (1 - g) * u[i] + g * Ms[i];
+        lam[i] *= (1 - g);
+      }
+      lam[s] += g;
+    } else {
+      // d = lam - e_a; the step that empties vertex a is g_max.
+      const double slope = f - u[a];
+      const double curv = f - 2 * u[a] + M[a * T + a];
+      const double g_max = lam[a] / (1 - lam[a]);
+      const double g = curv > 0 ? std::min(g_max, -slope / curv) : g_max;
+      for (int64_t i = 0; i < T; ++i) {
+        u[i] = (1 + g) * u[i] - g * Ma[i];
+        lam[i] *= (1 + g);
+      }
+      lam[a] = g >= g_max ? 0.0 : lam[a] - g;
+    }
+    for (int64_t i = 0; i < T; ++i) lam[i] = std::max(lam[i], 0.0);
+  }
+  refresh();
+  return it;
+}
+
+}  // namespace pyxtask::detail

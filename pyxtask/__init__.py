@@ -1,0 +1,12 @@
+"""pyxtask: cross-task learning for PyTorch.
+
+Importing the package loads the compiled op library (``torch.ops.pyxtask.*``); the typed
+Python API is :mod:`pyxtask.ops`, the plain-PyTorch references are in
+:mod:`pyxtask.reference`, Hessian-vector products in :mod:`pyxtask.hessian`.
+"""
+
+from pyxtask._extension import build_info
+from pyxtask import hessian, ops, reference
+
+__all__ = ["build_info", "hessian", "ops", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""Plain-PyTorch float64 references of every op in :mod:`pyxtask.ops`.
+
+They are the tests' oracle and the benchmarks' baseline, never a fall-back: the ops do not
+call them. Each takes the same arguments as its op and computes in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def gram_reference(G: Tensor) -> Tensor:
+    g = G.double()
+    return g @ g.T
+
+
+def cross_gram_reference(A: Tensor, B: Tensor) -> Tensor:
+    return A.double() @ B.double().T
+
+
+def cosine_matrix_reference(G: Tensor) -> Tensor:
+    g = G.double()
+    norms = g.norm(dim=1)
+    inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    c = (g @ g.T) * inv[:, None] * inv[None, :]
+    c = c.clamp(-1.0, 1.0)
+    c.diagonal().copy_((norms > 0).double())
+    return c
+
+
+def gather_flat_reference(tensors: Sequence[Tensor]) -> Tensor:
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat([t.double().reshape(-1) for t in tensors])
+
+
+def scatter_combination_reference(
+    G: Tensor, weights: Tensor, tensors: Sequence[Tensor], accumulate: bool = False
+) -> list[Tensor]:
+    combined = weights.double() @ G.double()
+    out, offset = [], 0
+    for t in tensors:
+        piece = combined[offset : offset + t.numel()].reshape(t.shape)
+        out.append(t.double() + piece if accumulate else piece)
+        offset += t.numel()
+    return out
+
+
+def add_scaled_reference(
+    tensors: Sequence[Tensor], vectors: Sequence[Tensor], alpha: float
+) -> list[Tensor]:
+    return [t.double() + alpha * v.double() for t, v in zip(tensors, vectors, strict=True)]
+
+
+def mirror_descent_step_reference(weights: Tensor, grads: Tensor, lr: float) -> Tensor:
+    w = weights.double()
+    logits = torch.where(w > 0, w.log() - lr * grads.double(), torch.full_like(w, -torch.inf))
+    return torch.softmax(logits, dim=0)
+
+
+def min_norm_point_reference(
+    M: Tensor, max_iter: int = 10000, tol: float = 1e-12, method: str = "away"
+) -> Tensor:
+    """The same Frank-Wolfe iterations as the op, one Python step at a time.
+
+    This is the shape of the peers' solvers (a Python loop over tensor ops). Its result
+    agrees with the op's to rounding; optimality itself is tested against SciPy.
+    """
+    m = M.double()
+    t = m.shape[0]
+    if t == 1:
+        return torch.ones(1, dtype=torch.float64)
+    if t == 2:
+        den = m[0, 0] + m[1, 1] - 2 * m[0, 1]
+        g = ((m[1, 1] - m[0, 1]) / den).clamp(0, 1) if den > 0 else torch.tensor(0.5).double()
+        return torch.stack([g, 1 - g])
+    lam = torch.full((t,), 1.0 / t, dtype=torch.float64)
+    scale = float(m.diagonal().max())
+    if scale <= 0:
+        return lam
+    tol_abs = tol * scale
+    for _ in range(max_iter):
+        u = m @ lam
+        f = float(lam @ u)
+        s = int(u.argmin())
+        support = lam > 0
+        a = int(torch.where(support, u, torch.full_like(u, -torch.inf)).argmax())
+        fw_gap, away_gap = f - float(u[s]), float(u[a]) - f
+        if (fw_gap if method == "plain" else float(u[a] - u[s])) <= tol_abs:
+            break
+        if method == "pairwise":
+            curv = float(m[s, s] - 2 * m[s, a] + m[a, a])
+            g_max = float(lam[a])
+            g = min(g_max, -float(u[s] - u[a]) / curv) if curv > 0 else g_max
+            lam[s] += g
+            lam[a] = 0.0 if g >= g_max else lam[a] - g
+        elif method == "plain" or fw_gap >= away_gap:
+            curv = float(m[s, s]) - 2 * float(u[s]) + f
+            g = min(1.0, fw_gap / curv) if curv > 0 else 1.0
+            lam = (1 - g) * lam
+            lam[s] += g
+        else:
+            curv = f - 2 * float(u[a]) + float(m[a, a])
+            g_max = float(lam[a] / (1 - lam[a]))
+            g = min(g_max, away_gap / curv) if curv > 0 else g_max
+            lam = (1 + g) * lam
+            lam[a] = 0.0 if g >= g_max else lam[a] - g
+        lam = lam.clamp_min(0)
+    return lam / lam.sum()
