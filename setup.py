@@ -28,12 +28,12 @@ except ImportError:
     )
 
 
-def _source_hash() -> str:
+def _source_hash(with_cuda: bool) -> str:
     spec = importlib.util.spec_from_file_location("_sh", ROOT / "pyxtask" / "_source_hash.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return str(module.source_hash(ROOT / "csrc"))
+    return str(module.source_hash(ROOT / "csrc", with_cuda))
 
 
 def _want_cuda() -> bool:
@@ -57,7 +57,7 @@ def _extension() -> cpp_extension.CppExtension:
     sources = ["csrc/module.cpp"] + sorted(
         str(p.relative_to(ROOT)) for p in (csrc / "ops").glob("*.cpp")
     )
-    defines = [f'-DPYX_SOURCE_HASH="{_source_hash()}"']
+    defines = [f'-DPYX_SOURCE_HASH="{_source_hash(with_cuda)}"']
     cxx = ["-O3", "-fopenmp", "-Wno-psabi", *defines]
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", *defines]
     if with_cuda:

@@ -38,7 +38,7 @@ def load() -> ModuleType:
         )
     csrc = Path(__file__).resolve().parent.parent / "csrc"
     if csrc.is_dir():
-        current = source_hash(csrc)
+        current = source_hash(csrc, bool(info["cuda"]))
         if current != info["source_hash"]:
             raise ImportError(
                 f"pyxtask._C is stale: it was built from sources with hash "

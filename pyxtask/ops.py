@@ -111,7 +111,10 @@ def add_scaled_(tensors: Sequence[Tensor], vectors: Sequence[Tensor], alpha: flo
     >>> p
     [tensor([1.5000, 1.5000]), tensor([0.5000])]
     """
-    torch.ops.pyxtask.add_scaled_(list(tensors), list(vectors), float(alpha))
+    tensors, vectors = list(tensors), list(vectors)
+    if not tensors and not vectors:
+        return  # nothing to dispatch on, nothing to do
+    torch.ops.pyxtask.add_scaled_(tensors, vectors, float(alpha))
 
 
 def mirror_descent_step(weights: Tensor, grads: Tensor, lr: float) -> Tensor:

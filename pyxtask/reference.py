@@ -61,6 +61,37 @@ def mirror_descent_step_reference(weights: Tensor, grads: Tensor, lr: float) -> 
     return torch.softmax(logits, dim=0)
 
 
+def _affine_support_step(m: Tensor, scale: float, lam: Tensor) -> Tensor:
+    """Wolfe's affine step on the support, as the op takes it (see csrc/ops/min_norm.h)."""
+    idx = torch.nonzero(lam > 0).flatten()
+    k = idx.numel()
+    if k < 2:
+        return lam
+    kkt = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+    kkt[:k, :k] = m[idx][:, idx] + 1e-13 * scale * torch.eye(k, dtype=torch.float64)
+    kkt[:k, k] = scale
+    kkt[k, :k] = scale
+    rhs = torch.zeros(k + 1, dtype=torch.float64)
+    rhs[k] = scale
+    try:
+        x = torch.linalg.solve(kkt, rhs)[:k]
+    except RuntimeError:  # singular
+        return lam
+    before = lam[idx]
+    neg = x < 0
+    theta = 1.0
+    if bool(neg.any()):
+        theta = min(1.0, float((before[neg] / (before[neg] - x[neg])).min()))
+    after = (before + theta * (x - before)).clamp_min(0)
+    after = after / after.sum()
+    sub = m[idx][:, idx]
+    if not bool(after @ sub @ after < before @ sub @ before):
+        return lam
+    out = lam.clone()
+    out[idx] = after
+    return out
+
+
 def min_norm_point_reference(
     M: Tensor, max_iter: int = 10000, tol: float = 1e-12, method: str = "away"
 ) -> Tensor:
@@ -82,7 +113,13 @@ def min_norm_point_reference(
     if scale <= 0:
         return lam
     tol_abs = tol * scale
-    for _ in range(max_iter):
+    polished = None
+    for it in range(max_iter):
+        if method != "plain" and it % t == t - 1:
+            support = tuple(int(i) for i in torch.nonzero(lam > 0).flatten())
+            if support != polished:
+                lam = _affine_support_step(m, scale, lam)
+                polished = support
         u = m @ lam
         f = float(lam @ u)
         s = int(u.argmin())

@@ -6,6 +6,7 @@
 // (or not of the buffer's dtype) go through ATen's strided copy instead.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -136,7 +137,10 @@ void add_scaled_cpu(at::TensorList tensors, at::TensorList vectors, double alpha
       fused.push_back(i);
       offsets.push_back(offsets.back() + tensors[i].numel());
     } else {
-      tensors[i].add_(vectors[i].to(tensors[i].scalar_type()), alpha);
+      // In the accumulation dtype, then one rounding: ATen's reduced-precision add_ rounds
+      // alpha * v first, which the fused path doesn't.
+      const auto acc = accumulate_type(tensors[i].scalar_type());
+      tensors[i].copy_(at::add(tensors[i].to(acc), vectors[i].to(acc), alpha));
     }
   }
   at::parallel_for(0, offsets.back(), kGrain, [&](int64_t begin, int64_t end) {

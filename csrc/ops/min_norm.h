@@ -51,6 +51,90 @@ inline void check_min_norm(const at::Tensor& M, int64_t max_iter, double tol,
   parse_min_norm_method(method);
 }
 
+// Affine step on the support (Wolfe's "major cycle"): the minimiser of lam^T M lam over the
+// affine hull of the support, from the KKT system [M_SS 1; 1^T 0][x; nu] = [0; 1], solved by
+// Gaussian elimination with partial pivoting. Moving from lam toward x decreases the
+// objective monotonically (it is convex along the segment with its minimum at x), so the
+// step goes as far toward x as the simplex allows, dropping the first coordinate that hits
+// zero when x itself is infeasible. Returns false when the system is numerically singular
+// (affinely dependent support), leaving lam unchanged. Frank-Wolfe identifies the support
+// quickly but converges slowly inside it; this step finishes the job exactly.
+inline bool affine_support_step(const double* M, int64_t T, double scale, double* lam) {
+  int64_t idx[kMaxTasks];
+  int64_t k = 0;
+  for (int64_t i = 0; i < T; ++i)
+    if (lam[i] > 0) idx[k++] = i;
+  if (k < 2) return false;
+  const int64_t n = k + 1;
+  double A[(kMaxTasks + 1) * (kMaxTasks + 1)];
+  double x[kMaxTasks + 1];
+  for (int64_t r = 0; r < k; ++r) {
+    for (int64_t c = 0; c < k; ++c) A[r * n + c] = M[idx[r] * T + idx[c]];
+    // A support of more than rank(M) + 1 vertices is affinely dependent and M_SS singular;
+    // a ridge of 1e-13 * scale makes the minimiser unique while moving the objective by at
+    // most that much.
+    A[r * n + r] += 1e-13 * scale;
+    A[r * n + k] = scale;  // the constraint rows are scaled like M for a balanced pivot
+    A[k * n + r] = scale;
+    x[r] = 0;
+  }
+  A[k * n + k] = 0;
+  x[k] = scale;
+  for (int64_t c = 0; c < n; ++c) {
+    int64_t piv = c;
+    for (int64_t r = c + 1; r < n; ++r)
+      if (std::fabs(A[r * n + c]) > std::fabs(A[piv * n + c])) piv = r;
+    if (!(std::fabs(A[piv * n + c]) > 1e-13 * scale)) return false;
+    if (piv != c) {
+      for (int64_t j = 0; j < n; ++j) std::swap(A[c * n + j], A[piv * n + j]);
+      std::swap(x[c], x[piv]);
+    }
+    for (int64_t r = c + 1; r < n; ++r) {
+      const double f = A[r * n + c] / A[c * n + c];
+      if (f == 0) continue;
+      for (int64_t j = c; j < n; ++j) A[r * n + j] -= f * A[c * n + j];
+      x[r] -= f * x[c];
+    }
+  }
+  for (int64_t r = n - 1; r >= 0; --r) {
+    double acc = x[r];
+    for (int64_t j = r + 1; j < n; ++j) acc -= A[r * n + j] * x[j];
+    x[r] = acc / A[r * n + r];
+  }
+  // Largest step theta in (0, 1] along x - lam that keeps every coordinate >= 0.
+  double theta = 1;
+  int64_t drop = -1;
+  for (int64_t r = 0; r < k; ++r) {
+    const double from = lam[idx[r]];
+    if (x[r] < 0 && from / (from - x[r]) < theta) {
+      theta = from / (from - x[r]);
+      drop = r;
+    }
+  }
+  auto objective = [&](const double* l) {
+    double f = 0;
+    for (int64_t r = 0; r < k; ++r) {
+      double row = 0;
+      for (int64_t c = 0; c < k; ++c) row += M[idx[r] * T + idx[c]] * l[c];
+      f += l[r] * row;
+    }
+    return f;
+  };
+  double before[kMaxTasks], after[kMaxTasks];
+  double sum = 0;
+  for (int64_t r = 0; r < k; ++r) {
+    before[r] = lam[idx[r]];
+    const double v = before[r] + theta * (x[r] - before[r]);
+    after[r] = (r == drop || v < 0) ? 0.0 : v;
+    sum += after[r];
+  }
+  for (int64_t r = 0; r < k; ++r) after[r] /= sum;
+  // The ridge (and rounding) can make the step a hair worse: keep it only if it helps.
+  if (!(objective(after) < objective(before))) return false;
+  for (int64_t r = 0; r < k; ++r) lam[idx[r]] = after[r];
+  return true;
+}
+
 // The solver proper, on a row-major double matrix; lam receives the result. Shared by the
 // CPU kernel and the C++ tests. Returns the number of iterations run.
 inline int64_t solve_min_norm(const double* M, int64_t T, int64_t max_iter, double tol,
@@ -84,9 +168,23 @@ inline int64_t solve_min_norm(const double* M, int64_t T, int64_t max_iter, doub
     }
   };
   refresh();
+  // Support signature at the last affine step: no point repeating it on the same support.
+  uint64_t polished = ~0ULL;
+  const bool polish = method != MinNormMethod::kPlain;
   int64_t it = 0;
   for (; it < max_iter; ++it) {
-    if (it % T == T - 1) refresh();
+    if (it % T == T - 1) {
+      if (polish) {
+        uint64_t support = 0;  // T <= 64: one bit per vertex
+        for (int64_t i = 0; i < T; ++i)
+          if (lam[i] > 0) support |= 1ULL << i;
+        if (support != polished) {
+          affine_support_step(M, T, scale, lam);
+          polished = support;
+        }
+      }
+      refresh();
+    }
     double f = 0;
     int64_t s = 0, a = -1;
     for (int64_t i = 0; i < T; ++i) {

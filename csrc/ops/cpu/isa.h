@@ -32,10 +32,21 @@ inline Isa current_isa() {
   return isa;
 }
 
+// AVX512-BF16 (vdpbf16ps) for the bfloat16 Gram, on top of kAvx512.
+inline bool has_avx512_bf16() {
+#if PYX_X86_MULTIVERSION
+  static const bool yes =
+      current_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+  return yes;
+#else
+  return false;
+#endif
+}
+
 inline const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx512:
-      return "avx512";
+      return has_avx512_bf16() ? "avx512+bf16" : "avx512";
     case Isa::kAvx2:
       return "avx2";
     default:
