@@ -102,7 +102,8 @@ void scatter_combination_cpu(const at::Tensor& G_in, const at::Tensor& weights,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "pyxtask_combine", [&] {
     using GT = scalar_t;
     using Acc = std::conditional_t<std::is_same_v<GT, double>, double, float>;
-    const at::Tensor w = weights.to(std::is_same_v<Acc, double> ? at::kDouble : at::kFloat);
+    const at::Tensor w =
+        weights.to(std::is_same_v<Acc, double> ? at::kDouble : at::kFloat).contiguous();
     const Acc* wp = w.const_data_ptr<Acc>();
     const GT* gp = G.const_data_ptr<GT>();
     const int64_t ldg = G.stride(0);

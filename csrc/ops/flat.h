@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
 #include <vector>
 
 #include "pyxtask/checks.h"

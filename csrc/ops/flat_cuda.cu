@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/add.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -251,7 +252,9 @@ void add_scaled_cuda(at::TensorList tensors, at::TensorList vectors, double alph
     if (tensors[i].is_contiguous() && detail::is_flat(vectors[i], tensors[i].scalar_type())) {
       fused.push_back(i);
     } else {
-      tensors[i].add_(vectors[i].to(tensors[i].scalar_type()), alpha);
+      // As on the CPU: in the accumulation dtype, then one rounding.
+      const auto acc = accumulate_type(tensors[i].scalar_type());
+      tensors[i].copy_(at::add(tensors[i].to(acc), vectors[i].to(acc), alpha));
     }
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
