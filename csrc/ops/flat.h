@@ -12,9 +12,10 @@
 
 namespace pyxtask::detail {
 
-inline int64_t total_numel(at::TensorList tensors) {
-  int64_t n = 0;
-  for (const auto& t : tensors) n += t.numel();
+// Symbolic-size safe (these checks also run in the Meta kernels under torch.compile).
+inline c10::SymInt total_numel(at::TensorList tensors) {
+  c10::SymInt n = 0;
+  for (const auto& t : tensors) n += t.sym_numel();
   return n;
 }
 
@@ -33,31 +34,32 @@ inline void check_tensor_list(const char* op, const char* name, at::TensorList t
 inline void check_flat_vector(const char* op, const char* name, const at::Tensor& v) {
   PYX_CHECK(v.dim() == 1, op, name, " must be 1-D, got shape ", v.sym_sizes());
   check_float(op, name, v);
-  PYX_CHECK(v.numel() <= 1 || v.stride(0) == 1, op, name,
-            " must be contiguous (a row of a T x P buffer is); got stride ", v.stride(0));
+  PYX_CHECK(v.sym_numel() <= 1 || v.sym_stride(0) == 1, op, name,
+            " must be contiguous (a row of a T x P buffer is); got stride ", v.sym_stride(0));
 }
 
 inline void check_gather_flat(at::TensorList tensors, const at::Tensor& out) {
   constexpr const char* op = "gather_flat";
   check_flat_vector(op, "out", out);
   check_tensor_list(op, "tensors", tensors, out, "out");
-  const int64_t n = total_numel(tensors);
-  PYX_CHECK(n == out.numel(), op, "the tensors hold ", n, " elements but out has ", out.numel());
+  const c10::SymInt n = total_numel(tensors);
+  PYX_CHECK(n == out.sym_numel(), op, "the tensors hold ", n, " elements but out has ",
+            out.sym_numel());
 }
 
 inline void check_scatter_combination(const at::Tensor& G, const at::Tensor& weights,
                                       at::TensorList tensors) {
   constexpr const char* op = "scatter_combination";
   check_task_matrix(op, "G", G);
-  PYX_CHECK(weights.dim() == 1 && weights.size(0) == G.size(0), op,
-            "weights must be a 1-D tensor with one entry per row of G (", G.size(0),
-            "), got shape ", weights.sizes());
+  PYX_CHECK(weights.dim() == 1 && weights.sym_size(0) == G.sym_size(0), op,
+            "weights must be a 1-D tensor with one entry per row of G (", G.sym_size(0),
+            "), got shape ", weights.sym_sizes());
   check_float(op, "weights", weights);
   check_same_device(op, G, "G", weights, "weights");
   check_tensor_list(op, "tensors", tensors, G, "G");
-  const int64_t n = total_numel(tensors);
-  PYX_CHECK(n == G.size(1), op, "the tensors hold ", n, " elements but G has ", G.size(1),
-            " columns");
+  const c10::SymInt n = total_numel(tensors);
+  PYX_CHECK(n == G.sym_size(1), op, "the tensors hold ", n, " elements but G has ",
+            G.sym_size(1), " columns");
 }
 
 inline void check_add_scaled(at::TensorList tensors, at::TensorList vectors, double alpha) {
@@ -69,8 +71,9 @@ inline void check_add_scaled(at::TensorList tensors, at::TensorList vectors, dou
   check_tensor_list(op, "tensors", tensors, tensors[0], "tensors[0]");
   check_tensor_list(op, "vectors", vectors, tensors[0], "tensors[0]");
   for (size_t i = 0; i < tensors.size(); ++i) {
-    PYX_CHECK(tensors[i].sizes() == vectors[i].sizes(), op, "tensors[", i, "] has shape ",
-              tensors[i].sizes(), " but vectors[", i, "] has shape ", vectors[i].sizes());
+    PYX_CHECK(tensors[i].sym_sizes() == vectors[i].sym_sizes(), op, "tensors[", i,
+              "] has shape ", tensors[i].sym_sizes(), " but vectors[", i, "] has shape ",
+              vectors[i].sym_sizes());
   }
 }
 
