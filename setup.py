@@ -54,9 +54,10 @@ def _want_cuda() -> bool:
 def _extension() -> cpp_extension.CppExtension:
     with_cuda = _want_cuda()
     csrc = ROOT / "csrc"
-    sources = ["csrc/module.cpp"] + sorted(
-        str(p.relative_to(ROOT)) for p in (csrc / "ops").glob("*.cpp")
-    )
+    sources = [
+        "csrc/module.cpp",
+        *sorted(str(p.relative_to(ROOT)) for p in (csrc / "ops").glob("*.cpp")),
+    ]
     defines = [f'-DPYX_SOURCE_HASH="{_source_hash(with_cuda)}"']
     cxx = ["-O3", "-fopenmp", "-Wno-psabi", *defines]
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", *defines]
@@ -68,10 +69,7 @@ def _extension() -> cpp_extension.CppExtension:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or ";".join(
             f"{major}.{minor}"
             for major, minor in sorted(
-                {
-                    torch.cuda.get_device_capability(i)
-                    for i in range(torch.cuda.device_count())
-                }
+                {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
             )
         )
         sources += sorted(str(p.relative_to(ROOT)) for p in (csrc / "ops").glob("*.cu"))

@@ -26,25 +26,42 @@ def main() -> int:
         print("cuda_compile_check: needs a CUDA build of torch and CUDA_HOME", file=sys.stderr)
         return 2
     nvcc = str(Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc")
-    includes = [*cpp_extension.include_paths(device_type="cuda"), sysconfig.get_paths()["include"],
-                str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
+    includes = [
+        *cpp_extension.include_paths(device_type="cuda"),
+        sysconfig.get_paths()["include"],
+        str(ROOT / "csrc" / "include"),
+        str(ROOT / "csrc"),
+    ]
     cpath = os.environ.get("CPATH", "")
     includes += [p for p in cpath.split(":") if p]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     flags = [
         *cpp_extension.COMMON_NVCC_FLAGS,
         "-std=c++20" if torch.__version__ >= "2.14" else "-std=c++17",
-        "-O3", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DPYX_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
-        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+        "-O3",
+        "--expt-relaxed-constexpr",
+        "-Xcompiler",
+        "-fPIC",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        "-DPYX_WITH_CUDA",
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
         "-gencode=arch=compute_90,code=compute_90",
     ]
     sources = sorted((ROOT / "csrc" / "ops").glob("*.cu"))
     out_dir = Path(tempfile.mkdtemp(prefix="pyxtask-cuda-"))
 
     def compile_one(src: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
-        cmd = [nvcc, "-c", str(src), "-o", str(out_dir / (src.stem + ".o")), *flags,
-               *(f"-I{p}" for p in includes)]
+        cmd = [
+            nvcc,
+            "-c",
+            str(src),
+            "-o",
+            str(out_dir / (src.stem + ".o")),
+            *flags,
+            *(f"-I{p}" for p in includes),
+        ]
         return src, subprocess.run(cmd, capture_output=True, text=True, check=False)
 
     failed = 0

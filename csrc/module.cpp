@@ -28,8 +28,8 @@ PYBIND11_MODULE(_C, m) {
     info["torch_version"] = std::string(TORCH_VERSION);
 #ifdef PYX_WITH_CUDA
     info["cuda"] = true;
-    info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
-                           std::to_string((CUDART_VERSION % 1000) / 10);
+    info["cuda_version"] =
+        std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
 #else
     info["cuda"] = false;
     info["cuda_version"] = py::none();

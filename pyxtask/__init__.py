@@ -5,8 +5,8 @@ Python API is :mod:`pyxtask.ops`, the plain-PyTorch references are in
 :mod:`pyxtask.reference`, Hessian-vector products in :mod:`pyxtask.hessian`.
 """
 
-from pyxtask._extension import build_info
 from pyxtask import hessian, ops, reference
+from pyxtask._extension import build_info
 
 __all__ = ["build_info", "hessian", "ops", "reference"]
 __version__ = "0.1.0"

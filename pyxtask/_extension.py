@@ -7,6 +7,7 @@ to rebuild.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,13 +25,13 @@ def _base_version(version: str) -> str:
 
 def load() -> ModuleType:
     try:
-        from pyxtask import _C  # noqa: PLC0415  (import only after torch)
+        extension = importlib.import_module("pyxtask._C")  # after torch: it links libtorch
     except ImportError as exc:
         raise ImportError(
             f"pyxtask's compiled extension pyxtask._C is missing or does not load ({exc}).\n"
             f"Rebuild it against the installed torch {torch.__version__}:\n  {REBUILD}"
         ) from exc
-    info: dict[str, Any] = _C.build_info()
+    info: dict[str, Any] = extension.build_info()
     if _base_version(info["torch_version"]) != _base_version(torch.__version__):
         raise ImportError(
             f"pyxtask._C was built against torch {info['torch_version']} but torch "
@@ -45,7 +46,7 @@ def load() -> ModuleType:
                 f"{info['source_hash']} but {csrc} now hashes to {current}. Rebuild it:\n"
                 f"  {REBUILD}"
             )
-    return _C
+    return extension
 
 
 def build_info() -> dict[str, Any]:

@@ -27,18 +27,23 @@ def _as_list(xs: Sequence[Tensor]) -> Tensors:
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    return sum((torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)),
-               start=torch.zeros((), dtype=a[0].dtype, device=a[0].device))
+    return sum(
+        (torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)),
+        start=torch.zeros((), dtype=a[0].dtype, device=a[0].device),
+    )
 
 
 def _check_vector(params: Sequence[Tensor], vector: Sequence[Tensor], who: str) -> None:
     if len(params) != len(vector):
-        raise ValueError(f"pyxtask.hessian.{who}: got {len(params)} parameters but "
-                         f"{len(vector)} vector pieces")
+        raise ValueError(
+            f"pyxtask.hessian.{who}: got {len(params)} parameters but {len(vector)} vector pieces"
+        )
     for i, (p, v) in enumerate(zip(params, vector, strict=True)):
         if p.shape != v.shape:
-            raise ValueError(f"pyxtask.hessian.{who}: vector[{i}] has shape {tuple(v.shape)} "
-                             f"but parameter {i} has shape {tuple(p.shape)}")
+            raise ValueError(
+                f"pyxtask.hessian.{who}: vector[{i}] has shape {tuple(v.shape)} "
+                f"but parameter {i} has shape {tuple(p.shape)}"
+            )
 
 
 def hvp_function(loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> HVP:
@@ -57,16 +62,20 @@ def hvp_function(loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> HVP
 
     def apply(vector: Sequence[Tensor]) -> Tensors:
         _check_vector(params, vector, "hvp")
-        out = torch.autograd.grad(grads, params, grad_outputs=list(vector), retain_graph=True,
-                                  allow_unused=True)
-        return [torch.zeros_like(p) if o is None else o.detach() for p, o in zip(params, out,
-                                                                                 strict=True)]
+        out = torch.autograd.grad(
+            grads, params, grad_outputs=list(vector), retain_graph=True, allow_unused=True
+        )
+        return [
+            torch.zeros_like(p) if o is None else o.detach()
+            for p, o in zip(params, out, strict=True)
+        ]
 
     return apply
 
 
-def hvp(loss_fn: Callable[[], Tensor], params: Sequence[Tensor],
-        vector: Sequence[Tensor]) -> Tensors:
+def hvp(
+    loss_fn: Callable[[], Tensor], params: Sequence[Tensor], vector: Sequence[Tensor]
+) -> Tensors:
     """Exact Hessian-vector product of ``loss_fn()`` w.r.t. ``params`` (double backward)."""
     return hvp_function(loss_fn, params)(vector)
 
@@ -76,8 +85,12 @@ def _grad(loss_fn: Callable[[], Tensor], params: Tensors) -> Tensors:
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, out, strict=True)]
 
 
-def fd_hvp(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], vector: Sequence[Tensor],
-           eps: float | None = None) -> Tensors:
+def fd_hvp(
+    loss_fn: Callable[[], Tensor],
+    params: Sequence[Tensor],
+    vector: Sequence[Tensor],
+    eps: float | None = None,
+) -> Tensors:
     """Central-difference HVP: two gradients, at ``theta + eps v`` and ``theta - eps v``.
 
     ``eps`` defaults to DARTS's ``0.01 / ||v||``. The parameters are moved in place with
@@ -124,8 +137,9 @@ class CGResult:
     converged: bool
 
 
-def conjugate_gradient(hvp_fn: HVP, b: Sequence[Tensor], damping: float = 0.0,
-                       max_iter: int = 100, tol: float = 1e-6) -> CGResult:
+def conjugate_gradient(
+    hvp_fn: HVP, b: Sequence[Tensor], damping: float = 0.0, max_iter: int = 100, tol: float = 1e-6
+) -> CGResult:
     """Solves ``(H + damping I) x = b`` for symmetric positive definite ``H + damping I``.
 
     Stops when the relative residual ``||r|| / ||b||`` drops to ``tol`` or after
@@ -135,7 +149,8 @@ def conjugate_gradient(hvp_fn: HVP, b: Sequence[Tensor], damping: float = 0.0,
     >>> import torch
     >>> from pyxtask.hessian import conjugate_gradient
     >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
-    >>> res = conjugate_gradient(lambda v: [A @ v[0]], [torch.tensor([1.0, 2.0], dtype=torch.float64)])
+    >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    >>> res = conjugate_gradient(lambda v: [A @ v[0]], [b])
     >>> res.x[0], res.converged
     (tensor([0.0909, 0.6364], dtype=torch.float64), True)
     """

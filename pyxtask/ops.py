@@ -39,7 +39,8 @@ def gram(G: Tensor) -> Tensor:
     tensor([[ 5., 11.],
             [11., 25.]])
     """
-    return torch.ops.pyxtask.gram(G)
+    out: Tensor = torch.ops.pyxtask.gram(G)
+    return out
 
 
 def cross_gram(A: Tensor, B: Tensor) -> Tensor:
@@ -49,7 +50,8 @@ def cross_gram(A: Tensor, B: Tensor) -> Tensor:
     >>> pyxtask.ops.cross_gram(torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 5.0], [0.0, 1.0]]))
     tensor([[2., 0.]])
     """
-    return torch.ops.pyxtask.cross_gram(A, B)
+    out: Tensor = torch.ops.pyxtask.cross_gram(A, B)
+    return out
 
 
 def cosine_matrix(G: Tensor) -> Tensor:
@@ -61,7 +63,8 @@ def cosine_matrix(G: Tensor) -> Tensor:
             [0.7071, 1.0000, 0.0000],
             [0.0000, 0.0000, 0.0000]])
     """
-    return torch.ops.pyxtask.cosine_matrix(G)
+    out: Tensor = torch.ops.pyxtask.cosine_matrix(G)
+    return out
 
 
 def gather_flat(tensors: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
@@ -124,10 +127,12 @@ def mirror_descent_step(weights: Tensor, grads: Tensor, lr: float) -> Tensor:
     stay zero; NaN or Inf in the inputs is an error.
 
     >>> import torch, pyxtask
-    >>> pyxtask.ops.mirror_descent_step(torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.0, 1e4, 1.0]), 1.0)
+    >>> w, g = torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.0, 1e4, 1.0])
+    >>> pyxtask.ops.mirror_descent_step(w, g, 1.0)
     tensor([1., 0., 0.])
     """
-    return torch.ops.pyxtask.mirror_descent_step(weights, grads, float(lr))
+    out: Tensor = torch.ops.pyxtask.mirror_descent_step(weights, grads, float(lr))
+    return out
 
 
 def min_norm_point(
@@ -146,4 +151,5 @@ def min_norm_point(
     >>> pyxtask.ops.min_norm_point(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     tensor([0.5000, 0.5000])
     """
-    return torch.ops.pyxtask.min_norm_point(M, int(max_iter), float(tol), method)
+    out: Tensor = torch.ops.pyxtask.min_norm_point(M, int(max_iter), float(tol), method)
+    return out

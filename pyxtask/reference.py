@@ -106,8 +106,8 @@ def min_norm_point_reference(
         return torch.ones(1, dtype=torch.float64)
     if t == 2:
         den = m[0, 0] + m[1, 1] - 2 * m[0, 1]
-        g = ((m[1, 1] - m[0, 1]) / den).clamp(0, 1) if den > 0 else torch.tensor(0.5).double()
-        return torch.stack([g, 1 - g])
+        first = ((m[1, 1] - m[0, 1]) / den).clamp(0, 1) if den > 0 else torch.tensor(0.5).double()
+        return torch.stack([first, 1 - first])
     lam = torch.full((t,), 1.0 / t, dtype=torch.float64)
     scale = float(m.diagonal().max())
     if scale <= 0:
@@ -123,27 +123,26 @@ def min_norm_point_reference(
         u = m @ lam
         f = float(lam @ u)
         s = int(u.argmin())
-        support = lam > 0
-        a = int(torch.where(support, u, torch.full_like(u, -torch.inf)).argmax())
+        a = int(torch.where(lam > 0, u, torch.full_like(u, -torch.inf)).argmax())
         fw_gap, away_gap = f - float(u[s]), float(u[a]) - f
         if (fw_gap if method == "plain" else float(u[a] - u[s])) <= tol_abs:
             break
         if method == "pairwise":
             curv = float(m[s, s] - 2 * m[s, a] + m[a, a])
             g_max = float(lam[a])
-            g = min(g_max, -float(u[s] - u[a]) / curv) if curv > 0 else g_max
-            lam[s] += g
-            lam[a] = 0.0 if g >= g_max else lam[a] - g
+            step = min(g_max, -float(u[s] - u[a]) / curv) if curv > 0 else g_max
+            lam[s] += step
+            lam[a] = 0.0 if step >= g_max else lam[a] - step
         elif method == "plain" or fw_gap >= away_gap:
             curv = float(m[s, s]) - 2 * float(u[s]) + f
-            g = min(1.0, fw_gap / curv) if curv > 0 else 1.0
-            lam = (1 - g) * lam
-            lam[s] += g
+            step = min(1.0, fw_gap / curv) if curv > 0 else 1.0
+            lam = (1 - step) * lam
+            lam[s] += step
         else:
             curv = f - 2 * float(u[a]) + float(m[a, a])
             g_max = float(lam[a] / (1 - lam[a]))
-            g = min(g_max, away_gap / curv) if curv > 0 else g_max
-            lam = (1 + g) * lam
-            lam[a] = 0.0 if g >= g_max else lam[a] - g
+            step = min(g_max, away_gap / curv) if curv > 0 else g_max
+            lam = (1 + step) * lam
+            lam[a] = 0.0 if step >= g_max else lam[a] - step
         lam = lam.clamp_min(0)
     return lam / lam.sum()

@@ -9,8 +9,9 @@ COLUMNS = [0, 1, 2, 3, 5, 7, 13, 15, 16, 17, 31, 33, 97, 127, 257, 1009, 4099, 8
 LAYOUTS = ["contiguous", "column_slice", "strided", "transposed"]
 
 
-def make_matrix(rows: int, cols: int, dtype: torch.dtype, layout: str, seed: int,
-                device: str = "cpu") -> torch.Tensor:
+def make_matrix(  # noqa: PLR0917
+    rows: int, cols: int, dtype: torch.dtype, layout: str, seed: int, device: str = "cpu"
+) -> torch.Tensor:
     """A rows x cols matrix with the given memory layout; values exact in ``dtype``."""
     gen = torch.Generator().manual_seed(seed)
     if layout == "contiguous":

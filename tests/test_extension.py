@@ -14,14 +14,23 @@ ROOT = Path(__file__).resolve().parent.parent
 def import_in(tree: Path) -> subprocess.CompletedProcess:
     # -S: no site hooks, so an editable install of the real checkout can't shadow the copy.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *site.getsitepackages()])}
-    return subprocess.run([sys.executable, "-S", "-c", "import pyxtask"], cwd=tree, env=env,
-                          capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [sys.executable, "-S", "-c", "import pyxtask"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def copy_tree(tmp_path: Path, with_extension: bool) -> Path:
     tree = tmp_path / "checkout"
-    shutil.copytree(ROOT / "pyxtask", tree / "pyxtask",
-                    ignore=None if with_extension else shutil.ignore_patterns("_C*.so"))
+    shutil.copytree(
+        ROOT / "pyxtask",
+        tree / "pyxtask",
+        ignore=None if with_extension else shutil.ignore_patterns("_C*.so"),
+    )
     shutil.copytree(ROOT / "csrc", tree / "csrc")
     return tree
 

@@ -30,7 +30,9 @@ def tensor_lists(draw):
 
 
 def rounding(dtype):
-    return {torch.float64: 0.0, torch.float32: 2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    return {torch.float64: 0.0, torch.float32: 2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}[
+        dtype
+    ]
 
 
 @given(tensor_lists(), st.sampled_from(FLOAT_DTYPES))
@@ -41,7 +43,9 @@ def test_gather_flat_matches_reference(tensors, out_dtype):
     # Exact when no dtype conversion is involved, else one rounding to out's dtype.
     # (subnormal results have absolute, not relative, spacing).
     info = torch.finfo(out_dtype)
-    assert torch.allclose(out.double(), expected, rtol=rounding(out_dtype), atol=info.tiny * info.eps)
+    assert torch.allclose(
+        out.double(), expected, rtol=rounding(out_dtype), atol=info.tiny * info.eps
+    )
 
 
 def test_gather_flat_into_a_row_of_a_task_buffer():
@@ -52,8 +56,13 @@ def test_gather_flat_into_a_row_of_a_task_buffer():
     assert torch.equal(buf[0], torch.zeros(34)) and torch.equal(buf[2], torch.zeros(34))
 
 
-@given(tensor_lists(), st.integers(1, 64), st.booleans(), st.integers(0, 2**31 - 1),
-       st.sampled_from(FLOAT_DTYPES))
+@given(
+    tensor_lists(),
+    st.integers(1, 64),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(FLOAT_DTYPES),
+)
 def test_scatter_combination_matches_reference(tensors, rows, accumulate, seed, g_dtype):
     gen = torch.Generator().manual_seed(seed)
     p = sum(t.numel() for t in tensors)
@@ -94,24 +103,48 @@ def test_add_scaled_matches_reference(tensors, alpha, seed):
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: pyxtask.ops.gather_flat([torch.ones(3)], torch.zeros(4)),
-         "pyxtask.gather_flat: the tensors hold 3 elements but out has 4"),
-        (lambda: pyxtask.ops.gather_flat([torch.ones(3)], torch.zeros(3, 1)),
-         "pyxtask.gather_flat: out must be 1-D"),
-        (lambda: pyxtask.ops.gather_flat([torch.ones(3, dtype=torch.int32)], torch.zeros(3)),
-         "pyxtask.gather_flat: tensors[0] must be a floating-point tensor"),
-        (lambda: pyxtask.ops.scatter_combination(torch.ones(2, 3), torch.ones(3), [torch.ones(3)]),
-         "pyxtask.scatter_combination: weights must be a 1-D tensor with one entry per row of G"),
-        (lambda: pyxtask.ops.scatter_combination(torch.ones(2, 3), torch.ones(2), [torch.ones(2)]),
-         "pyxtask.scatter_combination: the tensors hold 2 elements but G has 3 columns"),
-        (lambda: pyxtask.ops.scatter_combination(torch.ones(65, 1), torch.ones(65), [torch.ones(1)]),
-         "pyxtask.scatter_combination: G has 65 rows"),
-        (lambda: pyxtask.ops.add_scaled_([torch.ones(2)], [torch.ones(3)], 1.0),
-         "pyxtask.add_scaled_: tensors[0] has shape [2] but vectors[0] has shape [3]"),
-        (lambda: pyxtask.ops.add_scaled_([torch.ones(2)], [torch.ones(2, device="meta")], 1.0),
-         "pyxtask.add_scaled_: vectors[0] is on meta but tensors[0] is on cpu"),
-        (lambda: pyxtask.ops.add_scaled_([torch.ones(2)], [], 1.0),
-         "pyxtask.add_scaled_: got 1 tensors but 0 vectors"),
+        (
+            lambda: pyxtask.ops.gather_flat([torch.ones(3)], torch.zeros(4)),
+            "pyxtask.gather_flat: the tensors hold 3 elements but out has 4",
+        ),
+        (
+            lambda: pyxtask.ops.gather_flat([torch.ones(3)], torch.zeros(3, 1)),
+            "pyxtask.gather_flat: out must be 1-D",
+        ),
+        (
+            lambda: pyxtask.ops.gather_flat([torch.ones(3, dtype=torch.int32)], torch.zeros(3)),
+            "pyxtask.gather_flat: tensors[0] must be a floating-point tensor",
+        ),
+        (
+            lambda: pyxtask.ops.scatter_combination(
+                torch.ones(2, 3), torch.ones(3), [torch.ones(3)]
+            ),
+            "pyxtask.scatter_combination: weights must be a 1-D tensor with one entry per row of G",
+        ),
+        (
+            lambda: pyxtask.ops.scatter_combination(
+                torch.ones(2, 3), torch.ones(2), [torch.ones(2)]
+            ),
+            "pyxtask.scatter_combination: the tensors hold 2 elements but G has 3 columns",
+        ),
+        (
+            lambda: pyxtask.ops.scatter_combination(
+                torch.ones(65, 1), torch.ones(65), [torch.ones(1)]
+            ),
+            "pyxtask.scatter_combination: G has 65 rows",
+        ),
+        (
+            lambda: pyxtask.ops.add_scaled_([torch.ones(2)], [torch.ones(3)], 1.0),
+            "pyxtask.add_scaled_: tensors[0] has shape [2] but vectors[0] has shape [3]",
+        ),
+        (
+            lambda: pyxtask.ops.add_scaled_([torch.ones(2)], [torch.ones(2, device="meta")], 1.0),
+            "pyxtask.add_scaled_: vectors[0] is on meta but tensors[0] is on cpu",
+        ),
+        (
+            lambda: pyxtask.ops.add_scaled_([torch.ones(2)], [], 1.0),
+            "pyxtask.add_scaled_: got 1 tensors but 0 vectors",
+        ),
     ],
 )
 def test_flat_ops_reject_bad_input(call, message):
@@ -131,7 +164,12 @@ def test_flat_ops_cuda_match_cpu():
     pyxtask.ops.scatter_combination(G, w, params, accumulate=True)
     pyxtask.ops.scatter_combination(G.cuda(), w.cuda(), cuda_params, accumulate=True)
     for p, q in zip(params, cuda_params, strict=True):
-        assert torch.allclose(p.double(), q.cpu().double(), rtol=1e-2 if p.dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+        assert torch.allclose(
+            p.double(),
+            q.cpu().double(),
+            rtol=1e-2 if p.dtype == torch.bfloat16 else 1e-5,
+            atol=1e-5,
+        )
     pyxtask.ops.add_scaled_(params, params, 0.5)
     pyxtask.ops.add_scaled_(cuda_params, cuda_params, 0.5)
     for p, q in zip(params, cuda_params, strict=True):

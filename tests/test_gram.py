@@ -42,7 +42,7 @@ def test_cross_gram_matches_reference(case, other_rows, other_seed):
 @given(task_matrices(), st.sets(st.integers(0, 63), max_size=3))
 def test_cosine_matrix_matches_reference(case, zero_rows):
     rows, cols, dtype, layout, seed = case
-    G = make_matrix(rows, cols, dtype, "contiguous", seed)
+    G = make_matrix(rows, cols, dtype, layout, seed)
     for r in zero_rows:
         if r < rows:
             G[r] = 0
@@ -89,12 +89,32 @@ def test_gram_gradients():
     [
         (lambda: pyxtask.ops.gram(torch.randn(5)), "pyxtask.gram: G must be a 2-D"),
         (lambda: pyxtask.ops.gram(torch.randn(65, 3)), "pyxtask.gram: G has 65 rows; at most 64"),
-        (lambda: pyxtask.ops.gram(torch.ones(2, 3, dtype=torch.int64)), "pyxtask.gram: G must be float32"),
-        (lambda: pyxtask.ops.gram(torch.tensor([[1.0, float("nan")]])), "pyxtask.gram: G contains NaN or Inf (row 0)"),
-        (lambda: pyxtask.ops.cross_gram(torch.randn(2, 3), torch.randn(2, 4)), "pyxtask.cross_gram: A and B must have the same number of columns"),
-        (lambda: pyxtask.ops.cross_gram(torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64)), "pyxtask.cross_gram: A is Float but B is Double"),
-        (lambda: pyxtask.ops.cross_gram(torch.randn(2, 3), torch.randn(2, 3, device="meta")), "pyxtask.cross_gram: A is on cpu but B is on meta"),
-        (lambda: pyxtask.ops.cosine_matrix(torch.randn(2, 2, 2)), "pyxtask.cosine_matrix: G must be a 2-D"),
+        (
+            lambda: pyxtask.ops.gram(torch.ones(2, 3, dtype=torch.int64)),
+            "pyxtask.gram: G must be float32",
+        ),
+        (
+            lambda: pyxtask.ops.gram(torch.tensor([[1.0, float("nan")]])),
+            "pyxtask.gram: G contains NaN or Inf (row 0)",
+        ),
+        (
+            lambda: pyxtask.ops.cross_gram(torch.randn(2, 3), torch.randn(2, 4)),
+            "pyxtask.cross_gram: A and B must have the same number of columns",
+        ),
+        (
+            lambda: pyxtask.ops.cross_gram(
+                torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64)
+            ),
+            "pyxtask.cross_gram: A is Float but B is Double",
+        ),
+        (
+            lambda: pyxtask.ops.cross_gram(torch.randn(2, 3), torch.randn(2, 3, device="meta")),
+            "pyxtask.cross_gram: A is on cpu but B is on meta",
+        ),
+        (
+            lambda: pyxtask.ops.cosine_matrix(torch.randn(2, 2, 2)),
+            "pyxtask.cosine_matrix: G must be a 2-D",
+        ),
     ],
 )
 def test_gram_family_rejects_bad_input(call, message):
@@ -109,8 +129,11 @@ def test_gram_family_cuda_matches_cpu(dtype):
     for rows, cols in [(1, 1), (7, 1009), (16, 100_003), (64, 4099), (33, 0)]:
         G = make_matrix(rows, cols, dtype, "column_slice", seed=rows)
         B = make_matrix(5, cols, dtype, "contiguous", seed=cols)
-        for fn, args in [(pyxtask.ops.gram, (G,)), (pyxtask.ops.cross_gram, (G, B)),
-                         (pyxtask.ops.cosine_matrix, (G,))]:
+        for fn, args in [
+            (pyxtask.ops.gram, (G,)),
+            (pyxtask.ops.cross_gram, (G, B)),
+            (pyxtask.ops.cosine_matrix, (G,)),
+        ]:
             cpu = fn(*args)
             gpu = fn(*(a.cuda() for a in args)).cpu()
             tol = 1e-10 if dtype == torch.float64 else 1e-5

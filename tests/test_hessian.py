@@ -7,8 +7,11 @@ from pyxtask.hessian import conjugate_gradient, fd_hvp, hvp, hvp_function
 def small_network(dtype=torch.float64, seed=0, convex=False):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = (torch.nn.Linear(6, 3) if convex else
-           torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))
+    net = (
+        torch.nn.Linear(6, 3)
+        if convex
+        else torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    )
     net = net.to(dtype)
     x = torch.randn(32, 6, generator=g, dtype=dtype)
     y = torch.randint(0, 3, (32,), generator=g)
@@ -80,7 +83,7 @@ def test_conjugate_gradient_with_network_hvp_satisfies_the_system():
     res = conjugate_gradient(H, b, damping=0.1, max_iter=500, tol=1e-8)
     assert res.converged
     lhs = [h + 0.1 * x for h, x in zip(H(res.x), res.x, strict=True)]
-    err = torch.sqrt(sum(((l - r) ** 2).sum() for l, r in zip(lhs, b, strict=True)))
+    err = torch.sqrt(sum(((a - r) ** 2).sum() for a, r in zip(lhs, b, strict=True)))
     assert float(err) <= 1e-7 * float(torch.sqrt(sum((r**2).sum() for r in b)))
 
 
@@ -92,5 +95,5 @@ def test_conjugate_gradient_reports_non_convergence():
 
 def test_hvp_rejects_mismatched_vectors():
     _, params, loss = small_network()
-    with pytest.raises(ValueError, match="pyxtask.hessian.hvp: vector\\[0\\] has shape"):
+    with pytest.raises(ValueError, match=r"pyxtask\.hessian\.hvp: vector\[0\] has shape"):
         hvp(loss, params, [torch.zeros(1)] + [torch.zeros_like(p) for p in params[1:]])

@@ -114,7 +114,11 @@ def test_float32_input_returns_float32_simplex_point():
         (torch.ones(3, 4), {}, "pyxtask.min_norm_point: M must be a square T x T Gram matrix"),
         (torch.ones(65, 65), {}, "pyxtask.min_norm_point: M has 65 rows; at most 64"),
         (torch.ones(2, 2, dtype=torch.int32), {}, "pyxtask.min_norm_point: M must be float32"),
-        (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), {}, "pyxtask.min_norm_point: M[0, 1] = nan is not finite"),
+        (
+            torch.tensor([[1.0, float("nan")], [0.0, 1.0]]),
+            {},
+            "pyxtask.min_norm_point: M[0, 1] = nan is not finite",
+        ),
         (torch.eye(3), {"method": "newton"}, "method must be 'away', 'pairwise' or 'plain'"),
         (torch.eye(3), {"max_iter": -1}, "pyxtask.min_norm_point: max_iter must be >= 0"),
         (torch.eye(3), {"tol": -1.0}, "pyxtask.min_norm_point: tol must be finite and >= 0"),

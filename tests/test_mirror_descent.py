@@ -69,12 +69,22 @@ def test_mirror_descent_ten_million_samples():
 @pytest.mark.parametrize(
     ("w", "g", "lr", "message"),
     [
-        ([0.5, 0.5], [0.0, float("nan")], 1.0, "pyxtask.mirror_descent_step: grads[1] = nan is not finite"),
+        (
+            [0.5, 0.5],
+            [0.0, float("nan")],
+            1.0,
+            "pyxtask.mirror_descent_step: grads[1] = nan is not finite",
+        ),
         ([0.5, float("inf")], [0.0, 0.0], 1.0, "pyxtask.mirror_descent_step: weights[1] = inf"),
         ([0.5, -0.1], [0.0, 0.0], 1.0, "weights must be finite and non-negative"),
         ([0.0, 0.0], [0.0, 0.0], 1.0, "pyxtask.mirror_descent_step: all weights are zero"),
         ([0.5, 0.5], [0.0, 0.0], float("inf"), "pyxtask.mirror_descent_step: lr must be finite"),
-        ([0.5, 0.5], [0.0], 1.0, "pyxtask.mirror_descent_step: grads has shape [1] but weights has shape [2]"),
+        (
+            [0.5, 0.5],
+            [0.0],
+            1.0,
+            "pyxtask.mirror_descent_step: grads has shape [1] but weights has shape [2]",
+        ),
         ([], [], 1.0, "pyxtask.mirror_descent_step: weights must hold at least one entry"),
     ],
 )
@@ -85,9 +95,11 @@ def test_mirror_descent_rejects_bad_input(w, g, lr, message):
 
 
 def test_mirror_descent_rejects_integer_and_2d_weights():
-    with pytest.raises(RuntimeError, match="pyxtask.mirror_descent_step: weights must be float32"):
+    with pytest.raises(
+        RuntimeError, match=r"pyxtask\.mirror_descent_step: weights must be float32"
+    ):
         pyxtask.ops.mirror_descent_step(torch.ones(2, dtype=torch.int64), torch.zeros(2), 1.0)
-    with pytest.raises(RuntimeError, match="pyxtask.mirror_descent_step: weights must be 1-D"):
+    with pytest.raises(RuntimeError, match=r"pyxtask\.mirror_descent_step: weights must be 1-D"):
         pyxtask.ops.mirror_descent_step(torch.ones(2, 2), torch.zeros(2, 2), 1.0)
 
 

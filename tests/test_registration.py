@@ -9,8 +9,16 @@ import torch
 
 import pyxtask
 
-ALL_OPS = ["gram", "cross_gram", "cosine_matrix", "gather_flat", "scatter_combination",
-           "add_scaled_", "mirror_descent_step", "min_norm_point"]
+ALL_OPS = [
+    "gram",
+    "cross_gram",
+    "cosine_matrix",
+    "gather_flat",
+    "scatter_combination",
+    "add_scaled_",
+    "mirror_descent_step",
+    "min_norm_point",
+]
 
 
 def opcheck_cases():
@@ -22,21 +30,36 @@ def opcheck_cases():
     yield "gram", (G.to(torch.bfloat16),), {}
     yield "gram", (torch.randn(3, 11, dtype=torch.float64, requires_grad=True),), {}
     yield "cross_gram", (G, torch.randn(2, 37, generator=g)), {}
-    yield "cross_gram", (torch.randn(2, 6, dtype=torch.float64, requires_grad=True),
-                         torch.randn(4, 6, dtype=torch.float64, requires_grad=True)), {}
+    yield (
+        "cross_gram",
+        (
+            torch.randn(2, 6, dtype=torch.float64, requires_grad=True),
+            torch.randn(4, 6, dtype=torch.float64, requires_grad=True),
+        ),
+        {},
+    )
     yield "cosine_matrix", (G,), {}
     yield "cosine_matrix", (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),), {}
     yield "gather_flat", ([p.clone() for p in params], torch.empty(19)), {}
-    yield "scatter_combination", (torch.randn(2, 19, generator=g), torch.rand(2, generator=g),
-                                  [torch.zeros(3, 4), torch.zeros(7)], True), {}
+    yield (
+        "scatter_combination",
+        (
+            torch.randn(2, 19, generator=g),
+            torch.rand(2, generator=g),
+            [torch.zeros(3, 4), torch.zeros(7)],
+            True,
+        ),
+        {},
+    )
     yield "add_scaled_", ([p.clone() for p in params], [p.clone() for p in params], 0.5), {}
     yield "mirror_descent_step", (torch.rand(9, generator=g), torch.randn(9, generator=g), 1.0), {}
     yield "min_norm_point", (M, 1000, 1e-12, "away"), {}
     yield "min_norm_point", (M.double(), 1000, 1e-12, "plain"), {}
 
 
-@pytest.mark.parametrize(("name", "args", "kwargs"), list(opcheck_cases()),
-                         ids=[c[0] for c in opcheck_cases()])
+@pytest.mark.parametrize(
+    ("name", "args", "kwargs"), list(opcheck_cases()), ids=[c[0] for c in opcheck_cases()]
+)
 def test_opcheck(name, args, kwargs):
     torch.library.opcheck(getattr(torch.ops.pyxtask, name).default, args, kwargs)
 
@@ -79,14 +102,15 @@ def test_meta_tensors_give_shapes_without_data():
     G = torch.empty(6, 1000, device="meta", dtype=torch.bfloat16)
     out = pyxtask.ops.gram(G)
     assert out.device.type == "meta" and out.shape == (6, 6) and out.dtype == torch.float32
-    with pytest.raises(RuntimeError, match="pyxtask.gram: G has 65 rows"):
+    with pytest.raises(RuntimeError, match=r"pyxtask\.gram: G has 65 rows"):
         pyxtask.ops.gram(torch.empty(65, 3, device="meta"))
 
 
 @pytest.mark.parametrize("module", ["pyxtask.ops", "pyxtask.hessian", "pyxtask._extension"])
 def test_docstring_examples_run(module):
-    result = doctest.testmod(importlib.import_module(module),
-                             optionflags=doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(
+        importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE
+    )
     assert result.attempted > 0 and result.failed == 0
 
 

@@ -4,6 +4,8 @@
 // one parallel pass over the concatenated elements, not a loop of per-tensor ATen calls:
 // a BERT has ~200 parameter tensors, most of them small. Tensors that are not contiguous
 // (or not of the buffer's dtype) go through ATen's strided copy instead.
+#include "flat.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/add.h>
@@ -13,8 +15,6 @@
 #include <algorithm>
 #include <cstring>
 #include <vector>
-
-#include "flat.h"
 
 namespace pyxtask::cpu {
 namespace {
@@ -71,8 +71,7 @@ void combine(const GT* g, int64_t ldg, const Acc* w, int64_t t_count, DT* dst, i
   Acc acc[kBlock];
   for (int64_t k0 = 0; k0 < n; k0 += kBlock) {
     const int64_t len = std::min(kBlock, n - k0);
-    for (int64_t k = 0; k < len; ++k)
-      acc[k] = accumulate ? static_cast<Acc>(dst[k0 + k]) : Acc(0);
+    for (int64_t k = 0; k < len; ++k) acc[k] = accumulate ? static_cast<Acc>(dst[k0 + k]) : Acc(0);
     for (int64_t t = 0; t < t_count; ++t) {
       const GT* row = g + t * ldg + k0;
       const Acc wt = w[t];
@@ -99,26 +98,27 @@ void scatter_combination_cpu(const at::Tensor& G_in, const at::Tensor& weights,
   std::vector<int64_t> offsets{0};
   for (const auto& t : targets) offsets.push_back(offsets.back() + t.numel());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "pyxtask_combine", [&] {
-    using GT = scalar_t;
-    using Acc = std::conditional_t<std::is_same_v<GT, double>, double, float>;
-    const at::Tensor w =
-        weights.to(std::is_same_v<Acc, double> ? at::kDouble : at::kFloat).contiguous();
-    const Acc* wp = w.const_data_ptr<Acc>();
-    const GT* gp = G.const_data_ptr<GT>();
-    const int64_t ldg = G.stride(0);
-    at::parallel_for(0, offsets.back(), kGrain, [&](int64_t begin, int64_t end) {
-      for_each_piece(offsets, begin, end, [&](size_t seg, int64_t pos, int64_t n) {
-        const at::Tensor& dst = targets[seg];
-        const bool acc = accumulate && !staged[seg];
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(),
-                                        "pyxtask_combine_dst", [&] {
-          combine<GT, scalar_t, Acc>(gp + offsets[seg] + pos, ldg, wp, t_count,
-                                     dst.data_ptr<scalar_t>() + pos, n, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, G.scalar_type(), "pyxtask_combine", [&] {
+        using GT = scalar_t;
+        using Acc = std::conditional_t<std::is_same_v<GT, double>, double, float>;
+        const at::Tensor w =
+            weights.to(std::is_same_v<Acc, double> ? at::kDouble : at::kFloat).contiguous();
+        const Acc* wp = w.const_data_ptr<Acc>();
+        const GT* gp = G.const_data_ptr<GT>();
+        const int64_t ldg = G.stride(0);
+        at::parallel_for(0, offsets.back(), kGrain, [&](int64_t begin, int64_t end) {
+          for_each_piece(offsets, begin, end, [&](size_t seg, int64_t pos, int64_t n) {
+            const at::Tensor& dst = targets[seg];
+            const bool acc = accumulate && !staged[seg];
+            AT_DISPATCH_FLOATING_TYPES_AND2(
+                at::kHalf, at::kBFloat16, dst.scalar_type(), "pyxtask_combine_dst", [&] {
+                  combine<GT, scalar_t, Acc>(gp + offsets[seg] + pos, ldg, wp, t_count,
+                                             dst.data_ptr<scalar_t>() + pos, n, acc);
+                });
+          });
         });
       });
-    });
-  });
   for (size_t i = 0; i < tensors.size(); ++i) {
     if (!staged[i]) continue;
     if (accumulate) {
@@ -148,15 +148,15 @@ void add_scaled_cpu(at::TensorList tensors, at::TensorList vectors, double alpha
     for_each_piece(offsets, begin, end, [&](size_t seg, int64_t pos, int64_t n) {
       const at::Tensor& t = tensors[fused[seg]];
       const at::Tensor& v = vectors[fused[seg]];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(),
-                                      "pyxtask_add_scaled", [&] {
-        using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        scalar_t* tp = t.data_ptr<scalar_t>() + pos;
-        const scalar_t* vp = v.const_data_ptr<scalar_t>() + pos;
-        const Acc a = static_cast<Acc>(alpha);
-        for (int64_t k = 0; k < n; ++k)
-          tp[k] = static_cast<scalar_t>(static_cast<Acc>(tp[k]) + a * static_cast<Acc>(vp[k]));
-      });
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, t.scalar_type(), "pyxtask_add_scaled", [&] {
+            using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+            scalar_t* tp = t.data_ptr<scalar_t>() + pos;
+            const scalar_t* vp = v.const_data_ptr<scalar_t>() + pos;
+            const Acc a = static_cast<Acc>(alpha);
+            for (int64_t k = 0; k < n; ++k)
+              tp[k] = static_cast<scalar_t>(static_cast<Acc>(tp[k]) + a * static_cast<Acc>(vp[k]));
+          });
     });
   });
 }

@@ -58,8 +58,8 @@ inline void check_scatter_combination(const at::Tensor& G, const at::Tensor& wei
   check_same_device(op, G, "G", weights, "weights");
   check_tensor_list(op, "tensors", tensors, G, "G");
   const c10::SymInt n = total_numel(tensors);
-  PYX_CHECK(n == G.sym_size(1), op, "the tensors hold ", n, " elements but G has ",
-            G.sym_size(1), " columns");
+  PYX_CHECK(n == G.sym_size(1), op, "the tensors hold ", n, " elements but G has ", G.sym_size(1),
+            " columns");
 }
 
 inline void check_add_scaled(at::TensorList tensors, at::TensorList vectors, double alpha) {
@@ -71,9 +71,8 @@ inline void check_add_scaled(at::TensorList tensors, at::TensorList vectors, dou
   check_tensor_list(op, "tensors", tensors, tensors[0], "tensors[0]");
   check_tensor_list(op, "vectors", vectors, tensors[0], "tensors[0]");
   for (size_t i = 0; i < tensors.size(); ++i) {
-    PYX_CHECK(tensors[i].sym_sizes() == vectors[i].sym_sizes(), op, "tensors[", i,
-              "] has shape ", tensors[i].sym_sizes(), " but vectors[", i, "] has shape ",
-              vectors[i].sym_sizes());
+    PYX_CHECK(tensors[i].sym_sizes() == vectors[i].sym_sizes(), op, "tensors[", i, "] has shape ",
+              tensors[i].sym_sizes(), " but vectors[", i, "] has shape ", vectors[i].sym_sizes());
   }
 }
 

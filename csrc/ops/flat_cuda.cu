@@ -7,11 +7,11 @@
 // can't address flat go through ATen, exactly as in flat.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <ATen/ops/add.h>
 #include <torch/library.h>
 
 #include <cstdint>

@@ -5,6 +5,8 @@
 // columns in L2-sized chunks and computes every tile pair of the chunk from cache (see
 // cpu/gram_kernel.inc), accumulating into a private double T x T matrix. The per-thread
 // matrices are summed in thread order, so results are deterministic for a given thread count.
+#include "gram.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -20,7 +22,6 @@
 #include <vector>
 
 #include "cpu/isa.h"
-#include "gram.h"
 
 #if PYX_X86_MULTIVERSION
 #include <immintrin.h>
@@ -91,8 +92,8 @@ void dot_tile(const uint16_t* const* a, const uint16_t* const* b, int64_t n, dou
   }
 }
 
-using TileFn = void (*)(const uint16_t* const*, const uint16_t* const*, int64_t, double*,
-                        int64_t, int64_t, int64_t);
+using TileFn = void (*)(const uint16_t* const*, const uint16_t* const*, int64_t, double*, int64_t,
+                        int64_t, int64_t);
 
 TileFn tile_fn(int ra, int rb) {
   static const TileFn table[4][4] = {
@@ -220,8 +221,8 @@ at::Tensor gram_accumulate(const at::Tensor& a_in, const at::Tensor* b_in) {
       acc.resize(ta * tb, 0.0);
       std::vector<char> scratch;
       gram_columns_dispatch<In>(reinterpret_cast<const In* const*>(pa.data()), ta,
-                                b_in ? reinterpret_cast<const In* const*>(pb.data()) : nullptr,
-                                tb, begin * chunk, std::min(p, end * chunk), chunk, acc.data(),
+                                b_in ? reinterpret_cast<const In* const*>(pb.data()) : nullptr, tb,
+                                begin * chunk, std::min(p, end * chunk), chunk, acc.data(),
                                 scratch);
     });
   });

@@ -9,9 +9,7 @@
 
 namespace pyxtask::detail {
 
-inline void check_gram_input(const char* op, const at::Tensor& G) {
-  check_task_matrix(op, "G", G);
-}
+inline void check_gram_input(const char* op, const at::Tensor& G) { check_task_matrix(op, "G", G); }
 
 inline void check_cross_gram_inputs(const at::Tensor& A, const at::Tensor& B) {
   constexpr const char* op = "cross_gram";
@@ -20,8 +18,9 @@ inline void check_cross_gram_inputs(const at::Tensor& A, const at::Tensor& B) {
   check_same_device(op, A, "A", B, "B");
   PYX_CHECK(A.scalar_type() == B.scalar_type(), op, "A is ", A.scalar_type(), " but B is ",
             B.scalar_type(), "; pass both in one dtype");
-  PYX_CHECK(A.sym_size(1) == B.sym_size(1), op, "A and B must have the same number of columns P, got ",
-            A.sym_sizes(), " and ", B.sym_sizes());
+  PYX_CHECK(A.sym_size(1) == B.sym_size(1), op,
+            "A and B must have the same number of columns P, got ", A.sym_sizes(), " and ",
+            B.sym_sizes());
 }
 
 // Turns an accumulated Gram matrix into cosines in place. A zero (or non-positive, from

@@ -1,11 +1,11 @@
 // min_norm_point on the CPU: the solver of min_norm.h in double precision. T <= 64, so one
 // solve is microseconds; its cost is dominated by getting M into double and back.
+#include "min_norm.h"
+
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>
-
-#include "min_norm.h"
 
 namespace pyxtask::cpu {
 namespace {
@@ -35,9 +35,7 @@ at::Tensor min_norm_point_meta(const at::Tensor& M, int64_t max_iter, double tol
 }  // namespace
 }  // namespace pyxtask::cpu
 
-TORCH_LIBRARY_IMPL(pyxtask, CPU, m) {
-  m.impl("min_norm_point", &pyxtask::cpu::min_norm_point_cpu);
-}
+TORCH_LIBRARY_IMPL(pyxtask, CPU, m) { m.impl("min_norm_point", &pyxtask::cpu::min_norm_point_cpu); }
 
 TORCH_LIBRARY_IMPL(pyxtask, Meta, m) {
   m.impl("min_norm_point", &pyxtask::cpu::min_norm_point_meta);

@@ -13,10 +13,10 @@
 // Away and pairwise also take, every T iterations and whenever the support has changed, an
 // affine step on the support (Wolfe's 1976 "major cycle", see affine_support_step): Frank-
 // Wolfe finds the support fast but converges slowly inside it, the affine step lands on the
-// exact minimiser in one solve. T = 2 uses the closed form. Stopping rule: every coordinate satisfies the KKT conditions
-// to within tol * max_i M_ii: (M lambda)_i >= lambda^T M lambda - tol' for all i, and
-// (M lambda)_i <= lambda^T M lambda + tol' on the support (the latter not for kPlain, whose
-// iterate keeps every vertex it ever touched).
+// exact minimiser in one solve. T = 2 uses the closed form. Stopping rule: every coordinate
+// satisfies the KKT conditions to within tol * max_i M_ii: (M lambda)_i >= lambda^T M lambda - tol'
+// for all i, and (M lambda)_i <= lambda^T M lambda + tol' on the support (the latter not for
+// kPlain, whose iterate keeps every vertex it ever touched).
 #pragma once
 
 // The min-norm solver itself, free of ATen so that the CPU kernel, the CUDA kernel (one
@@ -135,7 +135,7 @@ PYX_HD inline bool affine_support_step(const double* M, int64_t T, double scale,
 // The solver proper, on a row-major double matrix; lam receives the result. Shared by the
 // CPU kernel and the C++ tests. Returns the number of iterations run.
 PYX_HD inline int64_t solve_min_norm(const double* M, int64_t T, int64_t max_iter, double tol,
-                              MinNormMethod method, double* lam) {
+                                     MinNormMethod method, double* lam) {
   if (T == 1) {
     lam[0] = 1;
     return 0;

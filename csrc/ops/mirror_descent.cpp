@@ -2,6 +2,8 @@
 // Computed as softmax(log w - lr * g) over the entries with w > 0, so lr * g of any finite
 // size neither overflows nor underflows the whole vector to zero, and zero weights stay
 // exactly zero. Reductions run in double, per thread, combined in thread order.
+#include "mirror_descent.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
@@ -10,8 +12,6 @@
 #include <cmath>
 #include <limits>
 #include <vector>
-
-#include "mirror_descent.h"
 
 namespace pyxtask::cpu {
 namespace {
@@ -61,11 +61,11 @@ at::Tensor mirror_descent_step_cpu(const at::Tensor& weights_in, const at::Tenso
     });
     double max_logit = -std::numeric_limits<double>::infinity();
     for (const Scan& s : scans) {
-      PYX_CHECK(s.bad_weight < 0, op, "weights[", s.bad_weight, "] = ",
-                static_cast<double>(wp[s.bad_weight]),
+      PYX_CHECK(s.bad_weight < 0, op, "weights[", s.bad_weight,
+                "] = ", static_cast<double>(wp[s.bad_weight]),
                 "; weights must be finite and non-negative");
-      PYX_CHECK(s.bad_grad < 0, op, "grads[", s.bad_grad, "] = ",
-                static_cast<double>(gp[s.bad_grad]), " is not finite");
+      PYX_CHECK(s.bad_grad < 0, op, "grads[", s.bad_grad,
+                "] = ", static_cast<double>(gp[s.bad_grad]), " is not finite");
       max_logit = std::max(max_logit, s.max_logit);
     }
     PYX_CHECK(std::isfinite(max_logit), op, "all weights are zero; there is nothing to reweight");
@@ -86,8 +86,7 @@ at::Tensor mirror_descent_step_cpu(const at::Tensor& weights_in, const at::Tenso
   return out;
 }
 
-at::Tensor mirror_descent_step_meta(const at::Tensor& weights, const at::Tensor& grads,
-                                    double lr) {
+at::Tensor mirror_descent_step_meta(const at::Tensor& weights, const at::Tensor& grads, double lr) {
   detail::check_mirror_descent(weights, grads, lr);
   return at::empty_like(weights, weights.options().memory_format(at::MemoryFormat::Contiguous));
 }

@@ -35,32 +35,31 @@ void report(bool ok, const char* file, int line, const std::string& what) {
 #define CHECK(cond) report(static_cast<bool>(cond), __FILE__, __LINE__, #cond)
 
 // CHECK with a message built by streaming: CHECK_MSG(x < tol, "x=" << x << " tol=" << tol).
-#define CHECK_MSG(cond, msg)                                                 \
-  do {                                                                       \
-    const bool pyx_ok_ = static_cast<bool>(cond);                            \
-    std::ostringstream pyx_os_;                                              \
-    if (!pyx_ok_) pyx_os_ << #cond << " [" << msg << "]";                    \
-    report(pyx_ok_, __FILE__, __LINE__, pyx_os_.str());                      \
+#define CHECK_MSG(cond, msg)                              \
+  do {                                                    \
+    const bool pyx_ok_ = static_cast<bool>(cond);         \
+    std::ostringstream pyx_os_;                           \
+    if (!pyx_ok_) pyx_os_ << #cond << " [" << msg << "]"; \
+    report(pyx_ok_, __FILE__, __LINE__, pyx_os_.str());   \
   } while (0)
 
 // Expects fn() to throw a c10::Error whose what() contains `needle`.
-#define CHECK_THROWS_WITH(stmt, needle)                                                   \
-  do {                                                                                    \
-    std::string pyx_msg_;                                                                 \
-    bool pyx_threw_ = false;                                                              \
-    try {                                                                                 \
-      stmt;                                                                               \
-    } catch (const c10::Error& e) {                                                       \
-      pyx_threw_ = true;                                                                  \
-      pyx_msg_ = e.what();                                                                \
-    } catch (const std::exception& e) {                                                   \
-      pyx_msg_ = std::string("non-c10 exception: ") + e.what();                          \
-    }                                                                                     \
-    const bool pyx_ok_ = pyx_threw_ && pyx_msg_.find(needle) != std::string::npos;        \
-    report(pyx_ok_, __FILE__, __LINE__,                                                   \
-           std::string(#stmt " should throw c10::Error containing \"") + (needle) +       \
-               "\"; got: " + (pyx_msg_.empty() ? std::string("no exception") : pyx_msg_)  \
-                                 .substr(0, 400));                                        \
+#define CHECK_THROWS_WITH(stmt, needle)                                                           \
+  do {                                                                                            \
+    std::string pyx_msg_;                                                                         \
+    bool pyx_threw_ = false;                                                                      \
+    try {                                                                                         \
+      stmt;                                                                                       \
+    } catch (const c10::Error& e) {                                                               \
+      pyx_threw_ = true;                                                                          \
+      pyx_msg_ = e.what();                                                                        \
+    } catch (const std::exception& e) {                                                           \
+      pyx_msg_ = std::string("non-c10 exception: ") + e.what();                                   \
+    }                                                                                             \
+    const bool pyx_ok_ = pyx_threw_ && pyx_msg_.find(needle) != std::string::npos;                \
+    report(pyx_ok_, __FILE__, __LINE__,                                                           \
+           std::string(#stmt " should throw c10::Error containing \"") + (needle) + "\"; got: " + \
+               (pyx_msg_.empty() ? std::string("no exception") : pyx_msg_).substr(0, 400));       \
   } while (0)
 
 const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
@@ -86,8 +85,8 @@ at::ScalarType result_type(at::ScalarType t) { return t == at::kDouble ? at::kDo
 void check_product(const char* what, const at::Tensor& got, const at::Tensor& A,
                    const at::Tensor& B, const std::string& ctx, const char* file, int line) {
   const at::ScalarType in = A.scalar_type();
-  bool ok = got.scalar_type() == result_type(in) && got.dim() == 2 &&
-            got.size(0) == A.size(0) && got.size(1) == B.size(0);
+  bool ok = got.scalar_type() == result_type(in) && got.dim() == 2 && got.size(0) == A.size(0) &&
+            got.size(1) == B.size(0);
   std::ostringstream os;
   if (!ok) {
     os << what << " " << ctx << ": bad result dtype/shape " << got.scalar_type() << " "
@@ -99,7 +98,8 @@ void check_product(const char* what, const at::Tensor& got, const at::Tensor& A,
   const at::Tensor scale = at::mm(dbl(A).abs(), dbl(B).abs().t());
   const double err = max_scaled_err(got, ref, scale);
   ok = err <= tol_for(in);
-  if (!ok) os << what << " " << ctx << ": max |got-ref|/sum|a||b| = " << err << " > " << tol_for(in);
+  if (!ok)
+    os << what << " " << ctx << ": max |got-ref|/sum|a||b| = " << err << " > " << tol_for(in);
   report(ok, file, line, os.str());
 }
 
@@ -163,8 +163,7 @@ void test_cross_gram() {
         ctx << dtype_name(dt) << " T=" << T << " S=" << S << " P=" << P;
         const at::Tensor A = at::randn({T, P}, at::kDouble).to(dt);
         const at::Tensor B = at::randn({S, P + 5}, at::kDouble).to(dt).narrow(1, 2, P);
-        check_product("cross_gram", pyxtask::cross_gram(A, B), A, B, ctx.str(), __FILE__,
-                      __LINE__);
+        check_product("cross_gram", pyxtask::cross_gram(A, B), A, B, ctx.str(), __FILE__, __LINE__);
       }
     }
   }
@@ -178,7 +177,7 @@ void test_cosine_matrix() {
     for (int64_t P : {1, 33, 20001}) {
       const int64_t T = 6;
       at::Tensor G = at::randn({T, P}, at::kDouble).to(dt);
-      G[2].zero_();  // a zero row
+      G[2].zero_();                // a zero row
       if (P > 1) G[4] = G[1] * 3;  // parallel rows: cosine 1
       const at::Tensor C = pyxtask::cosine_matrix(G);
       std::ostringstream ctx;
@@ -193,8 +192,8 @@ void test_cosine_matrix() {
                 ctx.str() << " col 2 = " << Cd.select(1, 2));
       for (int64_t i = 0; i < T; ++i) {
         if (i == 2) continue;
-        CHECK_MSG(Cd[i][i].item<double>() == 1.0, ctx.str() << " C[" << i << "," << i
-                                                            << "] = " << Cd[i][i].item<double>());
+        CHECK_MSG(Cd[i][i].item<double>() == 1.0,
+                  ctx.str() << " C[" << i << "," << i << "] = " << Cd[i][i].item<double>());
       }
       CHECK_MSG(Cd.abs().max().item<double>() <= 1.0, ctx.str() << " |cos| > 1: " << Cd);
       // Off-diagonal entries against the double reference from the same (rounded) inputs.
@@ -227,8 +226,8 @@ std::vector<at::Tensor> make_params(at::ScalarType dt) {
   ts.push_back(at::randn({3, 4}, o));
   ts.push_back(at::randn({5, 7}, o).t());  // non-contiguous, shape {7, 5}
   ts.push_back(at::randn({1}, o));
-  ts.push_back(at::randn({0}, o));          // empty
-  ts.push_back(at::randn({50000}, o));      // spans several parallel grains
+  ts.push_back(at::randn({0}, o));                      // empty
+  ts.push_back(at::randn({50000}, o));                  // spans several parallel grains
   ts.push_back(at::randn({9, 11}, o).narrow(1, 2, 6));  // non-contiguous slice {9, 6}
   ts.push_back(at::randn({2, 3, 4}, o));
   return ts;
@@ -266,7 +265,8 @@ void test_gather_scatter() {
     {
       std::vector<at::Tensor> out;
       for (const auto& p : sets[1]) out.push_back(at::full_like(p, 123.0));
-      out[1] = at::full({5, 7}, 123.0, at::TensorOptions().dtype(dt)).t();  // keep the non-contiguous layout
+      out[1] = at::full({5, 7}, 123.0, at::TensorOptions().dtype(dt))
+                   .t();  // keep the non-contiguous layout
       const at::Tensor w = at::tensor({0.0, 1.0, 0.0}, at::kDouble).to(dt);
       pyxtask::scatter_combination(G, w, out, /*accumulate=*/false);
       for (size_t i = 0; i < out.size(); ++i) {
@@ -310,8 +310,7 @@ void test_gather_scatter() {
     pyxtask::gather_flat(ts, out);
     CHECK(at::equal(out, flatten_ref(ts)));
   }
-  CHECK_THROWS_WITH(pyxtask::gather_flat({at::randn({3})}, at::empty({4})),
-                    "pyxtask.gather_flat");
+  CHECK_THROWS_WITH(pyxtask::gather_flat({at::randn({3})}, at::empty({4})), "pyxtask.gather_flat");
   CHECK_THROWS_WITH(
       pyxtask::scatter_combination(at::randn({2, 5}), at::ones({3}), {at::empty({5})}, false),
       "pyxtask.scatter_combination");
@@ -427,8 +426,8 @@ void check_kkt(const at::Tensor& M_in, const at::Tensor& lam_in, double rel_tol,
     const double worst = (f - u).max().item<double>();  // must be <= eps
     ok = worst <= rel_tol * scale;
     if (!ok)
-      os << ctx << ": KKT violated: max_i (f - (M lam)_i) = " << worst << " > " << rel_tol
-         << " * " << scale << "; lambda = " << lam;
+      os << ctx << ": KKT violated: max_i (f - (M lam)_i) = " << worst << " > " << rel_tol << " * "
+         << scale << "; lambda = " << lam;
   }
   report(ok, file, line, os.str());
 }
@@ -470,8 +469,8 @@ void test_min_norm_point() {
     CHECK_MSG(std::abs(lam[0].item<double>() - 0.25) < 1e-14, lam);
   }
   {
-    const at::Tensor lam = pyxtask::min_norm_point(at::zeros({4, 4}, at::kDouble), 100, 1e-12,
-                                                   "away");
+    const at::Tensor lam =
+        pyxtask::min_norm_point(at::zeros({4, 4}, at::kDouble), 100, 1e-12, "away");
     CHECK(lam.isfinite().all().item<bool>() && std::abs(lam.sum().item<double>() - 1) < 1e-12);
   }
   // 64 tasks, the maximum.

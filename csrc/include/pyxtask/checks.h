@@ -28,8 +28,8 @@ inline void check_float(const char* op, const char* name, const at::Tensor& t) {
 }
 
 inline void check_task_matrix(const char* op, const char* name, const at::Tensor& t) {
-  PYX_CHECK(t.dim() == 2, op, name, " must be a 2-D (tasks x parameters) matrix, got a ",
-            t.dim(), "-D tensor of shape ", t.sym_sizes());
+  PYX_CHECK(t.dim() == 2, op, name, " must be a 2-D (tasks x parameters) matrix, got a ", t.dim(),
+            "-D tensor of shape ", t.sym_sizes());
   check_float(op, name, t);
   PYX_CHECK(t.sym_size(0) <= kMaxTasks, op, name, " has ", t.sym_size(0), " rows; at most ",
             kMaxTasks, " tasks are supported");

@@ -35,8 +35,7 @@ inline Isa current_isa() {
 // AVX512-BF16 (vdpbf16ps) for the bfloat16 Gram, on top of kAvx512.
 inline bool has_avx512_bf16() {
 #if PYX_X86_MULTIVERSION
-  static const bool yes =
-      current_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+  static const bool yes = current_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
   return yes;
 #else
   return false;
