@@ -102,11 +102,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pyxtask", "pyxtask.*"]),
     package_data={"pyxtask": ["py.typed"]},
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "test": ["pytest", "hypothesis", "scipy", "pytest-benchmark"],
         "bench": ["scipy"],
-        "dev": ["ruff", "mypy", "clang-format"],
+        "dev": ["ruff", "mypy", "clang-format", "cmake"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},

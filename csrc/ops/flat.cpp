@@ -84,17 +84,10 @@ void combine(const GT* g, int64_t ldg, const Acc* w, int64_t t_count, DT* dst, i
 void scatter_combination_cpu(const at::Tensor& G_in, const at::Tensor& weights,
                              at::TensorList tensors, bool accumulate) {
   detail::check_scatter_combination(G_in, weights, tensors);
-  const at::Tensor G = (G_in.size(1) <= 1 || G_in.stride(1) == 1) ? G_in : G_in.contiguous();
+  const at::Tensor G = with_unit_column_stride(G_in);
   const int64_t t_count = G.size(0);
-  // Tensors the kernel can't address flat get a contiguous twin, written back afterwards.
-  std::vector<at::Tensor> targets;
-  std::vector<bool> staged;
-  targets.reserve(tensors.size());
-  for (const auto& t : tensors) {
-    const bool direct = t.is_contiguous();
-    targets.push_back(direct ? t : at::empty(t.sizes(), t.options()));
-    staged.push_back(!direct);
-  }
+  const detail::StagedTargets staging(tensors);
+  const std::vector<at::Tensor>& targets = staging.targets;
   std::vector<int64_t> offsets{0};
   for (const auto& t : targets) offsets.push_back(offsets.back() + t.numel());
 
@@ -110,7 +103,7 @@ void scatter_combination_cpu(const at::Tensor& G_in, const at::Tensor& weights,
         at::parallel_for(0, offsets.back(), kGrain, [&](int64_t begin, int64_t end) {
           for_each_piece(offsets, begin, end, [&](size_t seg, int64_t pos, int64_t n) {
             const at::Tensor& dst = targets[seg];
-            const bool acc = accumulate && !staged[seg];
+            const bool acc = staging.accumulate_into(seg, accumulate);
             AT_DISPATCH_FLOATING_TYPES_AND2(
                 at::kHalf, at::kBFloat16, dst.scalar_type(), "pyxtask_combine_dst", [&] {
                   combine<GT, scalar_t, Acc>(gp + offsets[seg] + pos, ldg, wp, t_count,
@@ -119,14 +112,7 @@ void scatter_combination_cpu(const at::Tensor& G_in, const at::Tensor& weights,
           });
         });
       });
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    if (!staged[i]) continue;
-    if (accumulate) {
-      tensors[i].add_(targets[i]);
-    } else {
-      tensors[i].copy_(targets[i]);
-    }
-  }
+  staging.write_back(tensors, accumulate);
 }
 
 void add_scaled_cpu(at::TensorList tensors, at::TensorList vectors, double alpha) {

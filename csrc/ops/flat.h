@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cmath>
 #include <vector>
@@ -75,6 +76,37 @@ inline void check_add_scaled(at::TensorList tensors, at::TensorList vectors, dou
               tensors[i].sym_sizes(), " but vectors[", i, "] has shape ", vectors[i].sym_sizes());
   }
 }
+
+// scatter_combination's destinations: tensors a fused kernel can't address flat
+// (non-contiguous) get a contiguous twin to write, copied (or added) back afterwards.
+struct StagedTargets {
+  std::vector<at::Tensor> targets;
+  std::vector<bool> staged;
+
+  explicit StagedTargets(at::TensorList tensors) {
+    targets.reserve(tensors.size());
+    for (const auto& t : tensors) {
+      const bool direct = t.is_contiguous();
+      targets.push_back(direct ? t : at::empty(t.sizes(), t.options()));
+      staged.push_back(!direct);
+    }
+  }
+
+  // Whether the kernel should add into target i (staged twins start empty: written, then
+  // added back by write_back).
+  bool accumulate_into(size_t i, bool accumulate) const { return accumulate && !staged[i]; }
+
+  void write_back(at::TensorList tensors, bool accumulate) const {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      if (!staged[i]) continue;
+      if (accumulate) {
+        tensors[i].add_(targets[i]);
+      } else {
+        tensors[i].copy_(targets[i]);
+      }
+    }
+  }
+};
 
 // Whether a fused kernel can address t as a flat array of `dtype`.
 inline bool is_flat(const at::Tensor& t, at::ScalarType dtype) {

@@ -178,17 +178,10 @@ void scatter_combination_cuda(const at::Tensor& G_in, const at::Tensor& weights,
                               at::TensorList tensors, bool accumulate) {
   detail::check_scatter_combination(G_in, weights, tensors);
   c10::cuda::CUDAGuard guard(G_in.device());
-  const at::Tensor G = (G_in.size(1) <= 1 || G_in.stride(1) == 1) ? G_in : G_in.contiguous();
+  const at::Tensor G = with_unit_column_stride(G_in);
   const int64_t t_count = G.size(0);
-  // Tensors the kernel can't address flat get a contiguous twin, written back afterwards.
-  std::vector<at::Tensor> targets;
-  std::vector<bool> staged;
-  targets.reserve(tensors.size());
-  for (const auto& t : tensors) {
-    const bool direct = t.is_contiguous();
-    targets.push_back(direct ? t : at::empty(t.sizes(), t.options()));
-    staged.push_back(!direct);
-  }
+  const detail::StagedTargets staging(tensors);
+  const std::vector<at::Tensor>& targets = staging.targets;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, G.scalar_type(), "pyxtask_combine_cuda", [&] {
@@ -203,7 +196,7 @@ void scatter_combination_cuda(const at::Tensor& G_in, const at::Tensor& weights,
             std::vector<Segment> segments;
             int64_t offset = 0;
             for (size_t i = 0; i < targets.size(); ++i) {
-              const bool seg_acc = accumulate && !staged[i];
+              const bool seg_acc = staging.accumulate_into(i, accumulate);
               if (targets[i].scalar_type() == dt && seg_acc == acc)
                 segments.push_back({targets[i].data_ptr(), nullptr, targets[i].numel(), offset});
               offset += targets[i].numel();
@@ -222,14 +215,7 @@ void scatter_combination_cuda(const at::Tensor& G_in, const at::Tensor& weights,
           }
         }
       });
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    if (!staged[i]) continue;
-    if (accumulate) {
-      tensors[i].add_(targets[i]);
-    } else {
-      tensors[i].copy_(targets[i]);
-    }
-  }
+  staging.write_back(tensors, accumulate);
 }
 
 template <typename T>

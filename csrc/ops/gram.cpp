@@ -57,7 +57,8 @@ namespace avx512bf16 {
 constexpr int64_t kLanes = 32;  // bf16 per 512-bit register
 constexpr int kTile = 4;
 
-template <int RA, int RB>
+// kUpper: a diagonal tile of a symmetric product, pairs s >= r only (see gram_kernel.inc).
+template <int RA, int RB, bool kUpper = false>
 void dot_tile(const uint16_t* const* a, const uint16_t* const* b, int64_t n, double* out,
               int64_t ld, const RowPrefetch& pf) {
   __m512 acc[RA][RB];
@@ -73,17 +74,18 @@ void dot_tile(const uint16_t* const* a, const uint16_t* const* b, int64_t n, dou
 #pragma GCC unroll 16
     for (int r = 0; r < RA; ++r) va[r] = (__m512bh)_mm512_loadu_si512(a[r] + k);
 #pragma GCC unroll 16
-    for (int s = 0; s < RB; ++s) vb[s] = (__m512bh)_mm512_loadu_si512(b[s] + k);
+    for (int s = 0; s < RB; ++s) vb[s] = kUpper ? va[s] : (__m512bh)_mm512_loadu_si512(b[s] + k);
 #pragma GCC unroll 16
     for (int r = 0; r < RA; ++r) {
 #pragma GCC unroll 16
-      for (int s = 0; s < RB; ++s) acc[r][s] = _mm512_dpbf16_ps(acc[r][s], va[r], vb[s]);
+      for (int s = kUpper ? r : 0; s < RB; ++s)
+        acc[r][s] = _mm512_dpbf16_ps(acc[r][s], va[r], vb[s]);
     }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < RA; ++r) {
 #pragma GCC unroll 16
-    for (int s = 0; s < RB; ++s) {
+    for (int s = kUpper ? r : 0; s < RB; ++s) {
       alignas(64) float lanes[16];
       _mm512_store_ps(lanes, acc[r][s]);
       double sum = 0;
@@ -103,6 +105,12 @@ TileFn tile_fn(int ra, int rb) {
       {dot_tile<3, 1>, dot_tile<3, 2>, dot_tile<3, 3>, dot_tile<3, 4>},
       {dot_tile<4, 1>, dot_tile<4, 2>, dot_tile<4, 3>, dot_tile<4, 4>}};
   return table[ra - 1][rb - 1];
+}
+
+TileFn upper_tile_fn(int r) {
+  static const TileFn table[4] = {dot_tile<1, 1, true>, dot_tile<2, 2, true>, dot_tile<3, 3, true>,
+                                  dot_tile<4, 4, true>};
+  return table[r - 1];
 }
 
 // As avx512::gram_columns for bfloat16, reading the rows in place; each chunk's ragged
@@ -133,7 +141,8 @@ void gram_columns(const c10::BFloat16* const* a, int64_t ta, const c10::BFloat16
           const c10::BFloat16* row = r < ta ? a[r] : b[r - ta];
           pf.rows[pf.count++] = reinterpret_cast<const char*>(row + c + chunk);
         }
-        tile_fn(ra, rb)(pa.data() + i, pb.data() + j, body, out + i * nb + j, nb, pf);
+        const TileFn fn = symmetric && i == j ? upper_tile_fn(ra) : tile_fn(ra, rb);
+        fn(pa.data() + i, pb.data() + j, body, out + i * nb + j, nb, pf);
       }
     }
     if (body < len) {
@@ -194,16 +203,10 @@ std::vector<const void*> row_pointers(const at::Tensor& m) {
   return rows;
 }
 
-// Rows only need unit stride along P; any row stride (a slice of a bigger buffer) is read
-// in place.
-at::Tensor unit_column_stride(const at::Tensor& m) {
-  return (m.size(1) <= 1 || m.stride(1) == 1) ? m : m.contiguous();
-}
-
 // Double-precision products of the rows of a with the rows of b (or of a with itself).
 at::Tensor gram_accumulate(const at::Tensor& a_in, const at::Tensor* b_in) {
-  const at::Tensor a = unit_column_stride(a_in);
-  const at::Tensor b = b_in ? unit_column_stride(*b_in) : at::Tensor();
+  const at::Tensor a = with_unit_column_stride(a_in);
+  const at::Tensor b = b_in ? with_unit_column_stride(*b_in) : at::Tensor();
   const int64_t ta = a.size(0);
   const int64_t tb = b_in ? b.size(0) : ta;
   const int64_t p = a.size(1);

@@ -276,10 +276,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::Tensor unit_column_stride(const at::Tensor& m) {
-  return (m.size(1) <= 1 || m.stride(1) == 1) ? m : m.contiguous();
-}
-
 template <typename In>
 bool vector_aligned(const at::Tensor& m) {
   constexpr int64_t bytes = sizeof(typename Vec<In>::Raw);
@@ -339,8 +335,8 @@ void launch_for_shape(GramArgs& args, int64_t& n_groups, const at::TensorOptions
 // result dtype; cosine turns a symmetric product into cosines.
 at::Tensor gram_product(const at::Tensor& a_in, const at::Tensor* b_in, bool cosine) {
   c10::cuda::CUDAGuard guard(a_in.device());
-  const at::Tensor a = unit_column_stride(a_in);
-  const at::Tensor b = b_in ? unit_column_stride(*b_in) : a;
+  const at::Tensor a = with_unit_column_stride(a_in);
+  const at::Tensor b = b_in ? with_unit_column_stride(*b_in) : a;
   const int64_t ta = a.size(0), tb = b.size(0), p = a.size(1);
   const at::ScalarType out_type = accumulate_type(a.scalar_type());
   if (ta == 0 || tb == 0 || p == 0) return at::zeros({ta, tb}, a.options().dtype(out_type));

@@ -35,6 +35,12 @@ inline void check_task_matrix(const char* op, const char* name, const at::Tensor
             kMaxTasks, " tasks are supported");
 }
 
+// Rows of a T x P task matrix need unit stride along P; any row stride (a slice of a bigger
+// buffer) is read in place, anything else is copied once.
+inline at::Tensor with_unit_column_stride(const at::Tensor& m) {
+  return (m.size(1) <= 1 || m.stride(1) == 1) ? m : m.contiguous();
+}
+
 inline void check_same_device(const char* op, const at::Tensor& a, const char* an,
                               const at::Tensor& b, const char* bn) {
   PYX_CHECK(a.device() == b.device(), op, an, " is on ", a.device(), " but ", bn, " is on ",
