@@ -55,17 +55,18 @@ namespace avx512 {
 namespace avx512bf16 {
 
 constexpr int64_t kLanes = 32;  // bf16 per 512-bit register
-constexpr int kTile = 4;
+constexpr int kTile = avx512::kTile;
+using V = avx512::VecOf<float>::type;  // the fp32 accumulators, shared with the avx512 tiles
 
-// kUpper: a diagonal tile of a symmetric product, pairs s >= r only (see gram_kernel.inc).
+// As avx512::dot_tile, on bf16 pairs (see gram_kernel.inc for acc_io, pf and kUpper).
 template <int RA, int RB, bool kUpper = false>
-void dot_tile(const uint16_t* const* a, const uint16_t* const* b, int64_t n, double* out,
-              int64_t ld, const RowPrefetch& pf) {
+void dot_tile(const uint16_t* const* a, const uint16_t* const* b, int64_t n, V* acc_io,
+              const RowPrefetch& pf) {
   __m512 acc[RA][RB];
 #pragma GCC unroll 16
   for (int r = 0; r < RA; ++r) {
 #pragma GCC unroll 16
-    for (int s = 0; s < RB; ++s) acc[r][s] = _mm512_setzero_ps();
+    for (int s = 0; s < RB; ++s) acc[r][s] = acc_io[r * kTile + s];
   }
   for (int64_t k = 0; k < n; k += kLanes) {
     for (int p = 0; p < pf.count; ++p) __builtin_prefetch(pf.rows[p] + 2 * k, 0, 2);
@@ -85,66 +86,59 @@ void dot_tile(const uint16_t* const* a, const uint16_t* const* b, int64_t n, dou
 #pragma GCC unroll 16
   for (int r = 0; r < RA; ++r) {
 #pragma GCC unroll 16
-    for (int s = kUpper ? r : 0; s < RB; ++s) {
-      alignas(64) float lanes[16];
-      _mm512_store_ps(lanes, acc[r][s]);
-      double sum = 0;
-      for (float l : lanes) sum += static_cast<double>(l);
-      out[r * ld + s] += sum;
-    }
+    for (int s = kUpper ? r : 0; s < RB; ++s) acc_io[r * kTile + s] = acc[r][s];
   }
 }
 
-using TileFn = void (*)(const uint16_t* const*, const uint16_t* const*, int64_t, double*, int64_t,
+using TileFn = void (*)(const uint16_t* const*, const uint16_t* const*, int64_t, V*,
                         const RowPrefetch&);
 
-TileFn tile_fn(int ra, int rb) {
+TileFn tile_fn(int ra, int rb, bool upper) {
   static const TileFn table[4][4] = {
       {dot_tile<1, 1>, dot_tile<1, 2>, dot_tile<1, 3>, dot_tile<1, 4>},
       {dot_tile<2, 1>, dot_tile<2, 2>, dot_tile<2, 3>, dot_tile<2, 4>},
       {dot_tile<3, 1>, dot_tile<3, 2>, dot_tile<3, 3>, dot_tile<3, 4>},
       {dot_tile<4, 1>, dot_tile<4, 2>, dot_tile<4, 3>, dot_tile<4, 4>}};
-  return table[ra - 1][rb - 1];
+  static const TileFn upper_table[4] = {dot_tile<1, 1, true>, dot_tile<2, 2, true>,
+                                        dot_tile<3, 3, true>, dot_tile<4, 4, true>};
+  return upper ? upper_table[ra - 1] : table[ra - 1][rb - 1];
 }
 
-TileFn upper_tile_fn(int r) {
-  static const TileFn table[4] = {dot_tile<1, 1, true>, dot_tile<2, 2, true>, dot_tile<3, 3, true>,
-                                  dot_tile<4, 4, true>};
-  return table[r - 1];
-}
-
-// As avx512::gram_columns for bfloat16, reading the rows in place; each chunk's ragged
-// end (fewer than 32 columns) goes through the widening path.
+// As avx512::gram_columns for bfloat16, reading the rows in place in L1-sized passes; each
+// chunk's ragged end (fewer than 32 columns) goes through the widening path.
 void gram_columns(const c10::BFloat16* const* a, int64_t ta, const c10::BFloat16* const* b,
                   int64_t tb, int64_t c0, int64_t c1, int64_t chunk, double* out,
                   std::vector<char>& scratch) {
   const bool symmetric = b == nullptr;
-  const int64_t nb = symmetric ? ta : tb;
-  std::vector<const uint16_t*> pa(ta), pb(nb);
+  const avx512::TileGrid grid{ta, symmetric ? ta : tb, symmetric};
+  const int64_t rows = symmetric ? ta : ta + tb;
+  const int64_t tiles = grid.tiles();
+  constexpr int64_t pass = avx512::kPassBytes / sizeof(uint16_t);
+  // Aligned by hand: std::vector<V> would drop the vector type's 64-byte alignment.
+  std::vector<char> acc_mem(static_cast<size_t>(tiles * kTile * kTile) * sizeof(V) + 64);
+  V* accs = reinterpret_cast<V*>((reinterpret_cast<uintptr_t>(acc_mem.data()) + 63) & ~63);
+  for (int64_t q = 0; q < tiles * kTile * kTile; ++q) accs[q] = V{};
+  std::vector<const uint16_t*> pa(ta), pb(grid.tb);
   for (int64_t c = c0; c < c1; c += chunk) {
     const int64_t len = std::min(chunk, c1 - c);
     const int64_t body = len / kLanes * kLanes;
     const bool next = c + chunk < c1;  // prefetch the next chunk, if this thread has one
-    for (int64_t i = 0; i < ta; ++i) pa[i] = reinterpret_cast<const uint16_t*>(a[i] + c);
-    for (int64_t i = 0; i < nb; ++i)
-      pb[i] = symmetric ? pa[i] : reinterpret_cast<const uint16_t*>(b[i] + c);
-    const int64_t na = (ta + kTile - 1) / kTile, nbt = (nb + kTile - 1) / kTile;
-    const int64_t tiles = symmetric ? na * (na + 1) / 2 : na * nbt;
-    const int64_t rows = symmetric ? ta : ta + tb;
-    int64_t q = 0;
-    for (int64_t i = 0; i < ta && body > 0; i += kTile) {
-      const int ra = static_cast<int>(std::min<int64_t>(kTile, ta - i));
-      for (int64_t j = symmetric ? i : 0; j < nb; j += kTile, ++q) {
-        const int rb = static_cast<int>(std::min<int64_t>(kTile, nb - j));
+    for (int64_t k = 0; k < body; k += pass) {
+      const int64_t n = std::min(pass, body - k);
+      for (int64_t i = 0; i < ta; ++i) pa[i] = reinterpret_cast<const uint16_t*>(a[i] + c + k);
+      for (int64_t i = 0; i < grid.tb; ++i)
+        pb[i] = symmetric ? pa[i] : reinterpret_cast<const uint16_t*>(b[i] + c + k);
+      grid.for_each([&](int64_t q, int64_t i, int64_t j, int ra, int rb) {
         RowPrefetch pf;
         for (int64_t r = q; next && r < rows && pf.count < RowPrefetch::kMax; r += tiles) {
           const c10::BFloat16* row = r < ta ? a[r] : b[r - ta];
-          pf.rows[pf.count++] = reinterpret_cast<const char*>(row + c + chunk);
+          pf.rows[pf.count++] = reinterpret_cast<const char*>(row + c + chunk + k);
         }
-        const TileFn fn = symmetric && i == j ? upper_tile_fn(ra) : tile_fn(ra, rb);
-        fn(pa.data() + i, pb.data() + j, body, out + i * nb + j, nb, pf);
-      }
+        tile_fn(ra, rb, symmetric && i == j)(pa.data() + i, pb.data() + j, n,
+                                             accs + q * kTile * kTile, pf);
+      });
     }
+    avx512::reduce_block(grid, accs, out, grid.tb);
     if (body < len) {
       avx512::gram_columns<c10::BFloat16>(a, ta, b, tb, c + body, c + len, chunk, out, scratch);
     }
