@@ -102,7 +102,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pyxtask", "pyxtask.*"]),
     package_data={"pyxtask": ["py.typed"]},
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "conllu>=6", "seqeval>=1.2.2"],
     extras_require={
         "test": ["pytest", "hypothesis", "scipy", "pytest-benchmark"],
         "bench": ["scipy"],
