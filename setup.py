@@ -102,7 +102,14 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pyxtask", "pyxtask.*"]),
     package_data={"pyxtask": ["py.typed"]},
-    install_requires=["torch>=2.4", "numpy", "tqdm", "conllu>=6", "seqeval>=1.2.2"],
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "tqdm",
+        "conllu>=6",
+        "seqeval>=1.2.2",
+        "transformers>=4.57",
+    ],
     extras_require={
         "test": ["pytest", "hypothesis", "scipy", "pytest-benchmark"],
         "bench": ["scipy"],
