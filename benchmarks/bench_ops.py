@@ -34,16 +34,7 @@ import pyxtask
 from pyxtask import ops, reference
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_ops.json"
-OPS = (
-    "gram",
-    "cross_gram",
-    "cosine_matrix",
-    "gather_flat",
-    "scatter_combination",
-    "add_scaled_",
-    "mirror_descent_step",
-    "min_norm_point",
-)
+OPS = ops.OP_NAMES
 GRAM_FAMILY = ("gram", "cross_gram", "cosine_matrix")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 

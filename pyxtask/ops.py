@@ -14,6 +14,7 @@ from torch import Tensor
 
 __all__ = [
     "MAX_TASKS",
+    "OP_NAMES",
     "add_scaled_",
     "cosine_matrix",
     "cross_gram",
@@ -26,6 +27,18 @@ __all__ = [
 
 #: Most rows (tasks) the Gram-family ops and the min-norm solver take.
 MAX_TASKS = 64
+
+#: The compiled ops, as registered in ``torch.ops.pyxtask`` (tests and benchmarks walk this).
+OP_NAMES = (
+    "gram",
+    "cross_gram",
+    "cosine_matrix",
+    "gather_flat",
+    "scatter_combination",
+    "add_scaled_",
+    "mirror_descent_step",
+    "min_norm_point",
+)
 
 
 def gram(G: Tensor) -> Tensor:

@@ -9,16 +9,7 @@ import torch
 
 import pyxtask
 
-ALL_OPS = [
-    "gram",
-    "cross_gram",
-    "cosine_matrix",
-    "gather_flat",
-    "scatter_combination",
-    "add_scaled_",
-    "mirror_descent_step",
-    "min_norm_point",
-]
+ALL_OPS = list(pyxtask.ops.OP_NAMES)
 
 
 def opcheck_cases():

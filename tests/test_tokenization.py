@@ -194,12 +194,13 @@ def test_tiny_tokenizer_splits_words_as_expected():
 
 
 @HYPOTHESIS
-@given(cases())
-def test_first_mode_labels_each_word_once_on_its_first_subword(case):
+@given(cases(), st.sampled_from(["first", "last"]))
+def test_first_and_last_modes_label_each_word_once_on_that_subword(case, mode):
     words, labels, max_length, stride = case
-    windows, _ = _align(words, labels, "first", max_length, stride)
+    windows, _ = _align(words, labels, mode, max_length, stride)
     positions = _global_positions(windows, words, stride)
-    firsts, _, _ = _first_last(words)
+    firsts, lasts, _ = _first_last(words)
+    expected = firsts if mode == "first" else lasts
     labelled: dict[int, list[int]] = {}
     for window, row in zip(windows, positions, strict=True):
         for p, (g, word) in enumerate(zip(row, window.word_ids, strict=True)):
@@ -211,29 +212,7 @@ def test_first_mode_labels_each_word_once_on_its_first_subword(case):
                 assert window.labels[p] == IGNORE
     assert sorted(labelled) == list(range(len(words)))
     for word, gs in labelled.items():
-        assert gs == [firsts[word]]
-
-
-@HYPOTHESIS
-@given(cases())
-def test_last_mode_labels_each_word_once_on_its_last_subword(case):
-    words, labels, max_length, stride = case
-    windows, _ = _align(words, labels, "last", max_length, stride)
-    positions = _global_positions(windows, words, stride)
-    _, lasts, _ = _first_last(words)
-    labelled: dict[int, list[int]] = {}
-    for window, row in zip(windows, positions, strict=True):
-        for p, g in enumerate(row):
-            if window.label_mask[p]:
-                word = window.word_ids[p]
-                assert word is not None and g is not None
-                labelled.setdefault(word, []).append(g)
-                assert window.labels[p] == labels[word]
-            else:
-                assert window.labels[p] == IGNORE
-    assert sorted(labelled) == list(range(len(words)))
-    for word, gs in labelled.items():
-        assert gs == [lasts[word]]
+        assert gs == [expected[word]]
 
 
 @HYPOTHESIS
