@@ -115,6 +115,7 @@ setup(
         "bench": ["scipy"],
         "dev": ["ruff", "mypy", "clang-format", "cmake"],
     },
+    entry_points={"console_scripts": ["pyxtask = pyxtask.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     zip_safe=False,

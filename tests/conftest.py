@@ -26,6 +26,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "network: fetches from a package registry (skips offline)")
 
 
 @pytest.fixture(params=DEVICES)

