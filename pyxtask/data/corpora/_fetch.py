@@ -2,7 +2,8 @@
 
 pip is the one client every machine here can reach a registry with, and it already knows about
 indexes, proxies, retries and ``pip.conf``; so this module runs ``python -m pip download`` in a
-subprocess rather than talking to PyPI itself.
+subprocess rather than talking to PyPI itself. Archives published on npm are fetched the same
+way with ``npm pack`` (:func:`fetch_npm`), which needs Node.js and npm installed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["ChecksumError", "FetchError", "fetch_pip", "sha256_file"]
+__all__ = ["ChecksumError", "FetchError", "fetch_npm", "fetch_pip", "sha256_file"]
 
 # Fragments of pip's output that mean "the index could not be reached", as opposed to a
 # package or version that does not exist; tests skip on the former and fail on the latter.
@@ -32,6 +33,18 @@ _CONNECTION_MARKERS = (
     "ReadTimeoutError",
     "ProxyError",
     "Connection refused",
+)
+
+# The same for npm's output (error codes of Node's resolver and sockets).
+_NPM_CONNECTION_MARKERS = (
+    "ENOTFOUND",
+    "EAI_AGAIN",
+    "ECONNREFUSED",
+    "ECONNRESET",
+    "ETIMEDOUT",
+    "ENETUNREACH",
+    "EHOSTUNREACH",
+    "network request",
 )
 
 # How many trailing lines of pip's output a FetchError quotes.
@@ -132,6 +145,58 @@ def fetch_pip(
             found = ", ".join(p.name for p in Path(tmp).iterdir()) or "nothing"
             raise FetchError(
                 f"pip download {spec} should give one file matching {filename_glob!r}, got: {found}"
+            )
+        verify_sha256(matches[0], sha256)
+        target = folder / matches[0].name
+        os.replace(matches[0], target)
+        return target
+
+
+def fetch_npm(
+    spec: str,
+    filename_glob: str,
+    sha256: str,
+    dest: str | os.PathLike[str],
+) -> Path:
+    """Download ``spec`` (``"name@version"``) with ``npm pack`` into folder ``dest``.
+
+    The npm counterpart of :func:`fetch_pip`: ``npm pack`` runs in a temporary folder inside
+    ``dest``, the one file matching ``filename_glob`` is checked against ``sha256`` and only
+    then moved into ``dest``; a file already there with the right hash is reused without npm.
+    Raises :class:`FetchError` (also when no ``npm`` executable is on ``PATH``) or
+    :class:`ChecksumError`.
+    """
+    folder = Path(dest)
+    folder.mkdir(parents=True, exist_ok=True)
+    for existing in folder.glob(filename_glob):
+        if sha256_file(existing) == sha256.lower():
+            return existing
+    npm = shutil.which("npm")
+    if npm is None:
+        raise FetchError(
+            f"could not download {spec}: no `npm` executable on PATH; install Node.js and npm "
+            "(https://nodejs.org/) or prepare the corpus with a fetcher that copies a local "
+            "archive"
+        )
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".npm-pack-") as tmp:
+        # Running in tmp (rather than --pack-destination) works with every npm version.
+        command = [npm, "pack", spec, "--silent", "--no-fund", "--no-audit"]
+        result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).strip()
+            tail = "\n".join(output.splitlines()[-_TAIL_LINES:])
+            connection = any(marker in output for marker in _NPM_CONNECTION_MARKERS)
+            reason = "the registry could not be reached" if connection else "npm failed"
+            raise FetchError(
+                f"could not download {spec} ({reason}; npm exit status {result.returncode}):\n"
+                f"{tail}",
+                connection=connection,
+            )
+        matches = sorted(Path(tmp).glob(filename_glob))
+        if len(matches) != 1:
+            found = ", ".join(p.name for p in Path(tmp).iterdir()) or "nothing"
+            raise FetchError(
+                f"npm pack {spec} should give one file matching {filename_glob!r}, got: {found}"
             )
         verify_sha256(matches[0], sha256)
         target = folder / matches[0].name
