@@ -89,6 +89,51 @@ def verify_sha256(path: str | os.PathLike[str], expected: str) -> None:
         raise ChecksumError(os.fspath(path), expected.lower(), actual)
 
 
+def _reuse_checked(folder: Path, filename_glob: str, sha256: str) -> Path | None:
+    """A file already in ``folder`` with the pinned hash: fetched before, no need to again."""
+    for existing in folder.glob(filename_glob):
+        if sha256_file(existing) == sha256.lower():
+            return existing
+    return None
+
+
+def _download_into(
+    tool: str,
+    command: list[str],
+    *,
+    cwd: str,
+    spec: str,
+    filename_glob: str,
+    sha256: str,
+    folder: Path,
+    connection_markers: tuple[str, ...],
+) -> Path:
+    """Run a download ``command`` that leaves one archive in ``cwd`` (a temporary folder in
+    ``folder``), check it against ``sha256`` and move it into ``folder``."""
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).strip()
+        tail = "\n".join(output.splitlines()[-_TAIL_LINES:])
+        connection = any(marker in output for marker in connection_markers)
+        where = "package index" if tool == "pip" else "registry"
+        reason = f"the {where} could not be reached" if connection else f"{tool} failed"
+        raise FetchError(
+            f"could not download {spec} ({reason}; {tool} exit status {result.returncode}):\n"
+            f"{tail}",
+            connection=connection,
+        )
+    matches = sorted(Path(cwd).glob(filename_glob))
+    if len(matches) != 1:
+        found = ", ".join(p.name for p in Path(cwd).iterdir()) or "nothing"
+        raise FetchError(
+            f"{tool} {spec} should give one file matching {filename_glob!r}, got: {found}"
+        )
+    verify_sha256(matches[0], sha256)
+    target = folder / matches[0].name
+    os.replace(matches[0], target)
+    return target
+
+
 def fetch_pip(
     spec: str,
     filename_glob: str,
@@ -110,9 +155,9 @@ def fetch_pip(
     """
     folder = Path(dest)
     folder.mkdir(parents=True, exist_ok=True)
-    for existing in folder.glob(filename_glob):
-        if sha256_file(existing) == sha256.lower():
-            return existing
+    reused = _reuse_checked(folder, filename_glob, sha256)
+    if reused is not None:
+        return reused
     # The temporary folder lives inside dest so the final os.replace is a same-filesystem rename.
     with tempfile.TemporaryDirectory(dir=folder, prefix=".pip-download-") as tmp:
         command = [
@@ -129,27 +174,16 @@ def fetch_pip(
             "-d",
             tmp,
         ]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            output = (result.stdout + result.stderr).strip()
-            tail = "\n".join(output.splitlines()[-_TAIL_LINES:])
-            connection = any(marker in output for marker in _CONNECTION_MARKERS)
-            reason = "the package index could not be reached" if connection else "pip failed"
-            raise FetchError(
-                f"could not download {spec} ({reason}; pip exit status {result.returncode}):\n"
-                f"{tail}",
-                connection=connection,
-            )
-        matches = sorted(Path(tmp).glob(filename_glob))
-        if len(matches) != 1:
-            found = ", ".join(p.name for p in Path(tmp).iterdir()) or "nothing"
-            raise FetchError(
-                f"pip download {spec} should give one file matching {filename_glob!r}, got: {found}"
-            )
-        verify_sha256(matches[0], sha256)
-        target = folder / matches[0].name
-        os.replace(matches[0], target)
-        return target
+        return _download_into(
+            "pip",
+            command,
+            cwd=tmp,
+            spec=spec,
+            filename_glob=filename_glob,
+            sha256=sha256,
+            folder=folder,
+            connection_markers=_CONNECTION_MARKERS,
+        )
 
 
 def fetch_npm(
@@ -168,9 +202,9 @@ def fetch_npm(
     """
     folder = Path(dest)
     folder.mkdir(parents=True, exist_ok=True)
-    for existing in folder.glob(filename_glob):
-        if sha256_file(existing) == sha256.lower():
-            return existing
+    reused = _reuse_checked(folder, filename_glob, sha256)
+    if reused is not None:
+        return reused
     npm = shutil.which("npm")
     if npm is None:
         raise FetchError(
@@ -181,27 +215,16 @@ def fetch_npm(
     with tempfile.TemporaryDirectory(dir=folder, prefix=".npm-pack-") as tmp:
         # Running in tmp (rather than --pack-destination) works with every npm version.
         command = [npm, "pack", spec, "--silent", "--no-fund", "--no-audit"]
-        result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            output = (result.stdout + result.stderr).strip()
-            tail = "\n".join(output.splitlines()[-_TAIL_LINES:])
-            connection = any(marker in output for marker in _NPM_CONNECTION_MARKERS)
-            reason = "the registry could not be reached" if connection else "npm failed"
-            raise FetchError(
-                f"could not download {spec} ({reason}; npm exit status {result.returncode}):\n"
-                f"{tail}",
-                connection=connection,
-            )
-        matches = sorted(Path(tmp).glob(filename_glob))
-        if len(matches) != 1:
-            found = ", ".join(p.name for p in Path(tmp).iterdir()) or "nothing"
-            raise FetchError(
-                f"npm pack {spec} should give one file matching {filename_glob!r}, got: {found}"
-            )
-        verify_sha256(matches[0], sha256)
-        target = folder / matches[0].name
-        os.replace(matches[0], target)
-        return target
+        return _download_into(
+            "npm",
+            command,
+            cwd=tmp,
+            spec=spec,
+            filename_glob=filename_glob,
+            sha256=sha256,
+            folder=folder,
+            connection_markers=_NPM_CONNECTION_MARKERS,
+        )
 
 
 def copy_verified(
