@@ -235,6 +235,13 @@ def test_conllu_missing_xpos_is_error(tmp_path):
     assert error_of(read_conllu(path, field="xpos")) == f"{path}:14: token 'Sí' has no xpos"
 
 
+def test_conllu_empty_sentence_is_error(tmp_path):
+    good = "1\tA\ta\tX\t_\t_\t0\troot\t_\t_\n\n"
+    only_range = "# sent_id = 2\n1-2\tAB\t_\t_\t_\t_\t_\t_\t_\t_\n\n"
+    path = write(tmp_path, "e.conllu", good + only_range)
+    assert error_of(read_conllu(path)) == f"{path}:3: empty sentence (no syntactic words)"
+
+
 def test_conllu_missing_upos_is_error(tmp_path):
     text = "# c\n1\tA\ta\tX\t_\t_\t0\troot\t_\t_\n2\tb\tb\t_\t_\t_\t1\tdep\t_\t_\n"
     path = write(tmp_path, "x.conllu", text)

@@ -298,9 +298,12 @@ def _iter_conllu(
                 _check_label(path, number, tag, known)
                 words.append(form)
                 tags.append(tag)
-            if words:
-                start = tracker.block[0][0]
-                yield TaggedSentence(tuple(words), tuple(tags), f"{path}:{start}")
+            start = tracker.block[0][0]
+            if not words:
+                # Only comments, multiword ranges or empty nodes: nothing to tag, and nothing
+                # a user would want skipped without being told.
+                raise CorpusFormatError(path, start, "empty sentence (no syntactic words)")
+            yield TaggedSentence(tuple(words), tuple(tags), f"{path}:{start}")
 
 
 def _locate_conllu_error(
