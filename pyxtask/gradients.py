@@ -31,7 +31,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -176,10 +176,12 @@ class TaskGradients:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         if mode == "streaming":
             for i, p in enumerate(params):
-                self._handles.append(p.register_hook(functools.partial(self._shared_hook, i)))
+                self._handles.append(
+                    cast(Any, p).register_hook(functools.partial(self._shared_hook, i))
+                )
         for group in heads:
             for p in group:
-                self._handles.append(p.register_hook(self._head_hook))
+                self._handles.append(cast(Any, p).register_hook(self._head_hook))
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -294,7 +296,9 @@ class TaskGradients:
     ) -> GradientStats:
         T = self.num_tasks
         if self._buffer is None:
-            self._buffer = torch.empty(T, self.num_parameters, dtype=self._dtype, device=self._device)
+            self._buffer = torch.empty(
+                T, self.num_parameters, dtype=self._dtype, device=self._device
+            )
         G = self._buffer
         self._previous = [p.grad for p in self._params]
         # Copies: backward accumulates into an existing .grad in place.
@@ -310,7 +314,7 @@ class TaskGradients:
                 G[t].zero_()
                 continue
             # Heads collect their own task's gradient unscaled here; combine() scales them.
-            loss.backward()
+            torch.autograd.backward(loss)
             grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self._params]
             ops.gather_flat(grads, G[t])
             for p in self._params:
@@ -390,7 +394,7 @@ class TaskGradients:
                 self._capture = own_reference and t == self.target
                 self._scale = w[t]
                 self._dot, self._sq = [], []
-                loss.backward()
+                torch.autograd.backward(loss)
                 if self._sq:
                     sq[t] = torch.stack(self._sq).sum()
                     dots[t] = torch.stack(self._dot).sum()

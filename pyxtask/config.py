@@ -1,0 +1,286 @@
+"""Training configuration: one dataclass, read from TOML or YAML files and command-line flags.
+
+Every key is checked when the configuration is built: an unknown key, task, method or
+paradigm, or a size out of range, is a :class:`ConfigError` naming the key (and the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import tomllib
+
+__all__ = ["COMPARISONS", "ConfigError", "TAWTConfig", "TrainConfig", "load_config"]
+
+PARADIGMS = ("single", "joint", "normalized-joint", "pretrain")
+WEIGHTINGS = ("fixed", "tawt")
+WEIGHTS_AS = ("loss", "sampling")
+EPOCHS = ("stream", "target")
+#: Baselines ``compare`` can run beside the main run, with the same data and seed.
+COMPARISONS = ("single", "single-steps", "joint", "normalized-joint", "pretrain")
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot be run; the message names the key."""
+
+
+@dataclass
+class TAWTConfig:
+    """TAWT's settings (paper defaults; see :class:`pyxtask.weighting.TAWT`)."""
+
+    similarity: str = "cosine"
+    #: ``g_t = -c * s_t``. A list (pre-training) runs each value and keeps the best on the
+    #: target's dev set; ``None`` is 1 for the joint paradigms and [1, 10, 30, 100] for pretrain.
+    c: float | list[float] | None = None
+    lr: float = 1.0
+    probe_size: int = 64
+    #: Update every this many optimizer steps; ``None`` once per epoch (the paper).
+    update_every: int | None = None
+    #: How probe gradients are taken: ``"streaming"`` (dot products in hooks) or ``"buffer"``.
+    gradients: str = "streaming"
+    damping: float = 1e-2
+    cg_max_iter: int = 20
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Tasks are named ``corpus.task`` (see ``pyxtask data list``)."""
+
+    target: str = "wsj-pos.pos"
+    #: Target training sentences (a seeded sample; ``None`` = the whole split).
+    target_size: int | None = 200
+    sources: list[str] = field(default_factory=lambda: ["brown.pos", "brown.upos", "brown.genre"])
+    #: Training sentences per source task (the same sentences for tasks of one corpus).
+    source_size: int | None = 2000
+    #: Dev / test sentences of the target (``None`` = the whole split).
+    dev_size: int | None = None
+    test_size: int | None = None
+    paradigm: str = "normalized-joint"
+    weighting: str = "tawt"
+    #: Task weights as loss factors (the paper) or as the probability of drawing a task's batch.
+    weights_as: str = "loss"
+    #: An epoch is one shuffled stream of all tasks' batches, or one pass over the target.
+    epoch: str = "stream"
+    #: ``"minilm"`` (the all-MiniLM-L6-v2 package), a local encoder folder, or ``"tiny"``
+    #: (a small random BERT with a WordPiece vocabulary learned from the training text).
+    encoder: str = "minilm"
+    epochs: int = 4
+    #: Single-task runs only: this many optimizer steps in all (the step-matched baseline).
+    total_steps: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 5e-5
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    max_length: int = 128
+    dropout: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True
+    output: str = "runs/pyxtask"
+    checkpoint_every: int = 50
+    log_every: int = 10
+    compare: list[str] = field(default_factory=list)
+    tawt: TAWTConfig = field(default_factory=TAWTConfig)
+    cache: str | None = None
+
+    # -- derived -------------------------------------------------------------------------------
+
+    @property
+    def method(self) -> str:
+        """A short name: ``tawt-normalized-joint``, ``normalized-joint``, ``single``, …"""
+        if self.paradigm == "single":
+            return "single" if self.total_steps is None else "single-steps"
+        return f"tawt-{self.paradigm}" if self.weighting == "tawt" else self.paradigm
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        out = dataclasses.replace(self, **changes)
+        out.validate()
+        return out
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+            if value not in allowed:
+                raise ConfigError(f"{key} = {value!r} is not one of {list(allowed)}")
+
+        choice("paradigm", self.paradigm, PARADIGMS)
+        choice("weighting", self.weighting, WEIGHTINGS)
+        choice("weights_as", self.weights_as, WEIGHTS_AS)
+        choice("epoch", self.epoch, EPOCHS)
+        choice("tawt.similarity", self.tawt.similarity, ("cosine", "dot", "exact"))
+        choice("tawt.gradients", self.tawt.gradients, ("streaming", "buffer"))
+        for task in [self.target, *self.sources]:
+            _check_task_name(task)
+        if len(set(self.sources)) != len(self.sources) or self.target in self.sources:
+            raise ConfigError(
+                f"tasks must be distinct: target {self.target!r}, sources {self.sources}"
+            )
+        if self.paradigm == "single":
+            if self.weighting == "tawt":
+                raise ConfigError("weighting = 'tawt' needs source tasks; paradigm is 'single'")
+        elif not self.sources:
+            raise ConfigError(f"paradigm {self.paradigm!r} needs at least one source task")
+        if self.total_steps is not None and self.paradigm != "single":
+            raise ConfigError("total_steps is for the single-task (step-matched) baseline only")
+        if self.paradigm == "pretrain" and self.epoch == "target":
+            raise ConfigError(
+                "epoch = 'target' needs the target in the joint objective, not pretrain"
+            )
+        if self.weights_as == "sampling" and self.tawt.update_every is not None:
+            raise ConfigError(
+                "weights_as = 'sampling' applies new weights from the next epoch; "
+                "tawt.update_every (per-step updates) needs weights_as = 'loss'"
+            )
+        for key, value, low in (
+            ("target_size", self.target_size, 1),
+            ("source_size", self.source_size, 1),
+            ("dev_size", self.dev_size, 1),
+            ("test_size", self.test_size, 1),
+            ("total_steps", self.total_steps, 1),
+            ("tawt.update_every", self.tawt.update_every, 1),
+        ):
+            if value is not None and (not _is_int(value) or value < low):
+                raise ConfigError(f"{key} = {value!r} must be an integer >= {low} (or unset)")
+        bounded: tuple[tuple[str, object, int, int], ...] = (
+            ("epochs", self.epochs, 1, 10_000),
+            ("batch_size", self.batch_size, 1, 1 << 16),
+            ("eval_batch_size", self.eval_batch_size, 1, 1 << 16),
+            ("max_length", self.max_length, 8, 1 << 16),
+            ("checkpoint_every", self.checkpoint_every, 1, 1 << 30),
+            ("log_every", self.log_every, 1, 1 << 30),
+            ("tawt.probe_size", self.tawt.probe_size, 1, 1 << 20),
+            ("tawt.cg_max_iter", self.tawt.cg_max_iter, 1, 100_000),
+            ("seed", self.seed, 0, 2**63 - 1),
+        )
+        for name, number, low, high in bounded:
+            if not _is_int(number) or not low <= cast(int, number) <= high:
+                raise ConfigError(f"{name} = {number!r} must be an integer in [{low}, {high}]")
+        ranges: tuple[tuple[str, object, float, float], ...] = (
+            ("lr", self.lr, 0.0, 1.0),
+            ("warmup", self.warmup, 0.0, 1.0),
+            ("weight_decay", self.weight_decay, 0.0, 1.0),
+            ("dropout", self.dropout, 0.0, 0.99),
+            ("tawt.lr", self.tawt.lr, 0.0, 1e6),
+            ("tawt.damping", self.tawt.damping, 0.0, 1e6),
+        )
+        for name, number, lo, hi in ranges:
+            if not _is_number(number) or not lo <= float(cast(float, number)) <= hi:
+                raise ConfigError(f"{name} = {number!r} must be a number in [{lo}, {hi}]")
+        if not self.lr > 0 or not self.tawt.lr > 0:
+            raise ConfigError("lr and tawt.lr must be > 0")
+        if not _is_number(self.clip) or not float(self.clip) >= 0:
+            raise ConfigError(f"clip = {self.clip!r} must be a number >= 0 (0: no clipping)")
+        cs = self.tawt.c if isinstance(self.tawt.c, list) else [self.tawt.c]
+        for c in cs:
+            if c is not None and (not _is_number(c) or not float(c) > 0):
+                raise ConfigError(f"tawt.c = {self.tawt.c!r}: every value must be a number > 0")
+        if isinstance(self.tawt.c, list) and (not self.tawt.c or self.paradigm != "pretrain"):
+            raise ConfigError("tawt.c as a list (a sweep on the dev set) is for pretrain only")
+        for name in self.compare:
+            choice("compare entry", name, COMPARISONS)
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"device = {self.device!r}: use 'auto', 'cpu' or 'cuda[:N]'")
+
+    def c_values(self) -> list[float]:
+        """The TAWT constants to run: one, or the pre-training sweep."""
+        c = self.tawt.c
+        if c is None:
+            return [1.0, 10.0, 30.0, 100.0] if self.paradigm == "pretrain" else [1.0]
+        return [float(x) for x in c] if isinstance(c, list) else [float(c)]
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return (isinstance(x, int | float) and not isinstance(x, bool)) and math.isfinite(float(x))
+
+
+def _check_task_name(task: object) -> None:
+    if not isinstance(task, str) or task.count(".") != 1 or "" in task.split("."):
+        raise ConfigError(
+            f"task {task!r} must be written 'corpus.task', e.g. 'brown.upos' "
+            "(pyxtask data list shows the corpora; pyxtask data info NAME their tasks)"
+        )
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def from_mapping(document: Mapping[str, Any], source: str = "config") -> TrainConfig:
+    """Build a :class:`TrainConfig` from a mapping (a parsed file), checking every key."""
+    if not isinstance(document, Mapping):
+        raise ConfigError(f"{source}: the top level must be a table of keys")
+    known = _fields(TrainConfig)
+    values: dict[str, Any] = {}
+    for key, value in document.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(known)}")
+        if key == "tawt":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: 'tawt' must be a table")
+            tawt_known = _fields(TAWTConfig)
+            for k in value:
+                if k not in tawt_known:
+                    raise ConfigError(
+                        f"{source}: unknown key 'tawt.{k}'; known: {', '.join(tawt_known)}"
+                    )
+            values[key] = TAWTConfig(**dict(value))
+        else:
+            values[key] = value
+    for key in ("sources", "compare"):
+        if key in values:
+            value = values[key]
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{source}: {key} must be a list of strings")
+            values[key] = value
+    config = TrainConfig(**values)
+    try:
+        config.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> TrainConfig:
+    """Read a ``.toml``, ``.yaml``/``.yml`` or ``.json`` training configuration."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {os.fspath(p)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".toml":
+            document: Any = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml  # noqa: PLC0415 -- only YAML users need PyYAML
+
+            document = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            document = json.loads(text)
+        else:
+            raise ConfigError(f"{p}: use a .toml, .yaml or .json config file")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{p}: not valid {suffix[1:].upper()}: {exc}") from None
+    except Exception as exc:  # yaml.YAMLError without importing yaml at module level
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    return from_mapping(document, source=os.fspath(p))

@@ -1,0 +1,460 @@
+"""PNG plots of a training run folder (matplotlib, Agg canvas, no pyplot).
+
+The trainer writes three files into a run folder; each has one plot:
+
+* ``weights.csv`` -> ``weights.png`` (:func:`plot_weight_trajectory`): the loss factors /
+  sampling weights ``w`` and the effective task weights ``omega`` per weight update;
+* ``similarity.jsonl`` -> ``similarity.png`` (:func:`plot_similarity`): the task-gradient
+  cosine matrix of each update that measured it, as small-multiple heatmaps;
+* ``metrics.jsonl`` -> ``learning_curves.png`` (:func:`plot_learning_curves`): training loss
+  per task and dev metrics.
+
+:func:`plot_run` draws whichever apply. A plot whose input file is missing (or holds no data)
+is skipped and its function returns ``None``; a malformed line raises :class:`ValueError`
+naming ``file:line``. Each PNG is written to ``<name>.tmp`` and renamed, so a viewer polling
+the folder during training never sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Colormap
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+__all__ = ["plot_learning_curves", "plot_run", "plot_similarity", "plot_weight_trajectory"]
+
+WEIGHTS_FILE = "weights.csv"
+SIMILARITY_FILE = "similarity.jsonl"
+METRICS_FILE = "metrics.jsonl"
+
+_DPI = 120
+_MAX_HEATMAPS = 12
+_MAX_ANNOTATED = 8
+# Above this max/min ratio a linear axis squashes the small weights onto zero.
+_LOG_RATIO = 100.0
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class _Weights:
+    tasks: list[str]
+    update: FloatArray
+    epoch: FloatArray
+    step: FloatArray
+    w: FloatArray  # (updates, tasks)
+    omega: FloatArray  # (updates, tasks)
+
+
+@dataclass(frozen=True)
+class _Similarity:
+    update: int
+    epoch: int
+    step: int
+    tasks: list[str]
+    cosine: FloatArray  # (tasks, tasks); NaN where a gradient was not measured
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _parse_float(text: str, where: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{where}: not a number: {text!r}") from None
+
+
+def _read_weights(path: Path) -> _Weights | None:
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return None
+    header = [cell.strip() for cell in rows[0]]
+    name = path.name
+    if header[:3] != ["update", "epoch", "step"]:
+        raise ValueError(f"{name}:1: header must start with update,epoch,step, got {header[:3]}")
+    rest = header[3:]
+    half = len(rest) // 2
+    w_cols, omega_cols = rest[:half], rest[half:]
+    tasks = [col.removeprefix("w:") for col in w_cols]
+    if (
+        not rest
+        or len(rest) % 2
+        or not all(col.startswith("w:") for col in w_cols)
+        or omega_cols != [f"omega:{task}" for task in tasks]
+    ):
+        raise ValueError(
+            f"{name}:1: expected w:<task> columns then omega:<task> in the same order, got {rest}"
+        )
+    values: list[list[float]] = []
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        where = f"{name}:{lineno}"
+        if len(row) != len(header):
+            raise ValueError(f"{where}: {len(row)} columns, the header has {len(header)}")
+        values.append([_parse_float(cell, where) for cell in row])
+    if not values:
+        return None
+    table = np.asarray(values, dtype=np.float64)
+    n = len(tasks)
+    return _Weights(
+        tasks=tasks,
+        update=table[:, 0],
+        epoch=table[:, 1],
+        step=table[:, 2],
+        w=table[:, 3 : 3 + n],
+        omega=table[:, 3 + n :],
+    )
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The objects of a JSON-lines file, each with its 1-based line number (for errors)."""
+    records: list[tuple[int, dict[str, Any]]] = []
+    with path.open() as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path.name}:{lineno}: not valid JSON: {exc}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path.name}:{lineno}: not a JSON object")
+            records.append((lineno, record))
+    return records
+
+
+def _field(record: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = record.get(key)
+    # bool is an int subclass; a true/false step or loss is a writer bug, not a number.
+    if value is None or isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"{where}: {key!r} missing or not {_kind_name(kind)}: {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _read_similarity(path: Path) -> list[_Similarity]:
+    out: list[_Similarity] = []
+    for lineno, record in _read_jsonl(path):
+        where = f"{path.name}:{lineno}"
+        tasks = _field(record, "tasks", list, where)
+        if not all(isinstance(task, str) for task in tasks):
+            raise ValueError(f"{where}: 'tasks' must be a list of strings")
+        matrix = _field(record, "cosine", list, where)
+        n = len(tasks)
+        if len(matrix) != n or not all(isinstance(row, list) and len(row) == n for row in matrix):
+            raise ValueError(f"{where}: 'cosine' must be a {n}x{n} matrix (one row per task)")
+        try:
+            cosine = np.array(
+                [[math.nan if v is None else float(v) for v in row] for row in matrix],
+                dtype=np.float64,
+            ).reshape(n, n)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: 'cosine' holds a non-number") from None
+        out.append(
+            _Similarity(
+                update=_field(record, "update", int, where),
+                epoch=_field(record, "epoch", int, where),
+                step=_field(record, "step", int, where),
+                tasks=tasks,
+                cosine=cosine,
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- drawing helpers
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=_DPI)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _wants_log(values: FloatArray) -> bool:
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.size == 0:
+        return False
+    return bool(positive.max() / positive.min() > _LOG_RATIO)
+
+
+def _set_y_scale(ax: Axes, values: FloatArray) -> None:
+    if _wants_log(values):
+        # Zero weights (a switched-off task) cannot sit on a log axis; masking drops those
+        # points instead of pulling the axis down to 1e-300.
+        ax.set_yscale("log", nonpositive="mask")
+
+
+def _task_colors(tasks: Sequence[str]) -> dict[str, Any]:
+    cmap = colormaps["tab10" if len(tasks) <= 10 else "tab20"]
+    return {task: cmap(i % cmap.N) for i, task in enumerate(tasks)}
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _weights_figure(run_dir: str | os.PathLike[str]) -> Figure | None:
+    path = Path(run_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        return None
+    weights = _read_weights(path)
+    if weights is None:
+        return None
+    fig = _new_figure(12.0, 4.6)
+    left, right = fig.subplots(1, 2, sharex=True)
+    colors = _task_colors(weights.tasks)
+    panels = (
+        (left, weights.w, "w (loss factors / sampling weights)"),
+        (right, weights.omega, "ω (effective task weights)"),
+    )
+    for ax, values, title in panels:
+        for i, task in enumerate(weights.tasks):
+            is_target = i == 0
+            ax.plot(
+                weights.update,
+                values[:, i],
+                label=task,
+                color=colors[task],
+                marker="o",
+                markersize=4 if is_target else 3,
+                linewidth=2.8 if is_target else 1.3,
+                zorder=3 if is_target else 2,
+            )
+        _set_y_scale(ax, values)
+        ax.set_title(title)
+        ax.set_xlabel(_update_axis_label(weights))
+        # Update numbers are counts; a one-row file would otherwise get ticks at -0.04 .. 0.04
+        # (MaxNLocator falls back to fractions when the range holds too few integers).
+        if weights.update.size == 1:
+            ax.set_xticks(weights.update)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, which="major", alpha=0.3)
+    left.set_ylabel("weight")
+    # Both panels share tasks and colours, so one legend outside the axes serves both and
+    # keeps the curves uncovered.
+    fig.legend(
+        *left.get_legend_handles_labels(),
+        loc="outside right upper",
+        title="task (target thick)",
+        fontsize="small",
+    )
+    return fig
+
+
+def _update_axis_label(weights: _Weights) -> str:
+    epochs = weights.epoch[np.isfinite(weights.epoch)]
+    if epochs.size and epochs.max() > epochs.min():
+        return f"weight update (epochs {epochs.min():g}-{epochs.max():g})"
+    if epochs.size:
+        return f"weight update (epoch {epochs[0]:g})"
+    return "weight update"
+
+
+def plot_weight_trajectory(run_dir: str | os.PathLike[str]) -> Path | None:
+    """Draw ``w`` and ``omega`` per task against the update number into ``weights.png``.
+
+    Returns the PNG path, or ``None`` (writing nothing) when ``weights.csv`` is missing or has
+    no rows. A y axis turns logarithmic when its positive values span more than a factor 100.
+    """
+    fig = _weights_figure(run_dir)
+    return None if fig is None else _save(fig, Path(run_dir) / "weights.png")
+
+
+# --------------------------------------------------------------------------- similarity
+
+
+def _pick_evenly(count: int, limit: int) -> list[int]:
+    if count <= limit:
+        return list(range(count))
+    picks = np.rint(np.linspace(0, count - 1, limit)).astype(int)
+    return sorted({int(i) for i in picks})
+
+
+def _similarity_figure(run_dir: str | os.PathLike[str]) -> Figure | None:
+    path = Path(run_dir) / SIMILARITY_FILE
+    if not path.is_file():
+        return None
+    records = _read_similarity(path)
+    if not records:
+        return None
+    shown = [records[i] for i in _pick_evenly(len(records), _MAX_HEATMAPS)]
+    ncols = min(4, len(shown))
+    nrows = math.ceil(len(shown) / ncols)
+    n_tasks = max(len(r.tasks) for r in shown)
+    longest = max(len(task) for r in shown for task in r.tasks)
+    # Cells must hold a "-0.25" annotation; the label margin grows with the longest task name.
+    panel = max(2.6, 0.42 * n_tasks + 0.07 * longest + 0.6)
+    fig = _new_figure(ncols * panel + 1.0, nrows * (panel + 0.3))
+    cmap: Colormap = colormaps["RdBu_r"].with_extremes(bad="0.8")
+    same_tasks = all(r.tasks == shown[0].tasks for r in shown)
+    axes: list[Axes] = []
+    image = None
+    for k, record in enumerate(shown):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        axes.append(ax)
+        image = ax.imshow(
+            np.ma.masked_invalid(record.cosine), cmap=cmap, vmin=-1.0, vmax=1.0, aspect="equal"
+        )
+        ax.set_title(f"update {record.update} (epoch {record.epoch}, step {record.step})")
+        ticks = list(range(len(record.tasks)))
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+        col = k % ncols
+        # With one task list for all panels, labels on the outer edge suffice; repeating them
+        # on every panel crowds small multiples.
+        has_panel_below = k + ncols < len(shown)
+        show_x = not same_tasks or not has_panel_below
+        show_y = not same_tasks or col == 0
+        ax.set_xticklabels(record.tasks if show_x else [], rotation=45, ha="right")
+        ax.set_yticklabels(record.tasks if show_y else [])
+        if len(record.tasks) <= _MAX_ANNOTATED:
+            _annotate(ax, record.cosine)
+    assert image is not None
+    fig.colorbar(image, ax=axes, label="gradient cosine", shrink=0.8)
+    return fig
+
+
+def _annotate(ax: Axes, matrix: FloatArray) -> None:
+    for (i, j), value in np.ndenumerate(matrix):
+        if not np.isfinite(value):
+            continue
+        # Dark text vanishes on the saturated ends of RdBu_r.
+        color = "white" if abs(value) > 0.6 else "black"
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+
+
+def plot_similarity(run_dir: str | os.PathLike[str]) -> Path | None:
+    """Draw the task-gradient cosine matrices of ``similarity.jsonl`` into ``similarity.png``.
+
+    One heatmap per update (at most 12, evenly spaced, first and last included), a shared
+    colour bar over [-1, 1]; unmeasured (``null``) entries are grey. Returns the PNG path, or
+    ``None`` when the file is missing or holds no records.
+    """
+    fig = _similarity_figure(run_dir)
+    return None if fig is None else _save(fig, Path(run_dir) / "similarity.png")
+
+
+# --------------------------------------------------------------------------- learning curves
+
+
+def _learning_curves_figure(run_dir: str | os.PathLike[str]) -> Figure | None:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    losses: dict[str, list[tuple[float, float]]] = {}
+    dev: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for lineno, record in _read_jsonl(path):
+        where = f"{path.name}:{lineno}"
+        kind = record.get("kind")
+        if kind == "train":
+            task = _field(record, "task", str, where)
+            step = float(_field(record, "step", (int, float), where))
+            loss = float(_field(record, "loss", (int, float), where))
+            losses.setdefault(task, []).append((step, loss))
+        elif kind == "eval" and record.get("split") == "dev":
+            task = _field(record, "task", str, where)
+            metric = _field(record, "metric", str, where)
+            step = float(_field(record, "step", (int, float), where))
+            value = float(_field(record, "value", (int, float), where))
+            dev.setdefault((task, metric), []).append((step, value))
+        # Other kinds (and test-split evaluations) are not drawn; a newer trainer may add kinds.
+    if not losses and not dev:
+        return None
+    tasks = list(dict.fromkeys([*losses, *(task for task, _ in dev)]))
+    colors = _task_colors(tasks)
+    fig = _new_figure(12.0, 4.6)
+    left, right = fig.subplots(1, 2, sharex=True)
+    for task, points in losses.items():
+        steps, values = np.asarray(sorted(points), dtype=np.float64).T
+        left.plot(steps, values, label=task, color=colors[task], linewidth=1.4)
+    all_losses = np.asarray([v for pts in losses.values() for _, v in pts], dtype=np.float64)
+    if all_losses.size and np.any(all_losses > 0):
+        left.set_yscale("log", nonpositive="mask")
+    left.set_title("training loss")
+    left.set_xlabel("step")
+    left.set_ylabel("loss (mean over logging interval)")
+    _legend_or_note(left, "no training losses logged")
+    metrics = list(dict.fromkeys(metric for _, metric in dev))
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D"]
+    for (task, metric), points in dev.items():
+        steps, values = np.asarray(sorted(points), dtype=np.float64).T
+        m = metrics.index(metric)
+        right.plot(
+            steps,
+            values,
+            label=f"{task} ({metric})",
+            color=colors[task],
+            linestyle=styles[m % len(styles)],
+            marker=markers[m % len(markers)],
+            markersize=4,
+        )
+    right.set_title("dev evaluation")
+    right.set_xlabel("step")
+    right.set_ylabel("metric")
+    _legend_or_note(right, "no dev evaluations logged")
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+    return fig
+
+
+def _legend_or_note(ax: Axes, note: str) -> None:
+    if ax.lines:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+def plot_learning_curves(run_dir: str | os.PathLike[str]) -> Path | None:
+    """Draw training loss per task and dev metrics into ``learning_curves.png``.
+
+    Returns the PNG path, or ``None`` when ``metrics.jsonl`` is missing or holds no training
+    or dev-evaluation record.
+    """
+    fig = _learning_curves_figure(run_dir)
+    return None if fig is None else _save(fig, Path(run_dir) / "learning_curves.png")
+
+
+# --------------------------------------------------------------------------- all
+
+
+def plot_run(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Draw every plot whose input file exists in ``run_dir``; return the PNGs written."""
+    written = (
+        plot_weight_trajectory(run_dir),
+        plot_similarity(run_dir),
+        plot_learning_curves(run_dir),
+    )
+    return [path for path in written if path is not None]
