@@ -57,11 +57,16 @@ def reference(model, data, weights):
     for loss in losses(model, data):
         g = torch.autograd.grad(loss, shared, allow_unused=True)
         rows.append(
-            torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for p, x in zip(shared, g)])
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if x is None else x).reshape(-1)
+                    for p, x in zip(shared, g, strict=True)
+                ]
+            )
         )
     G = torch.stack(rows).double()
     model.zero_grad(set_to_none=True)
-    total = sum(w * loss for w, loss in zip(weights, losses(model, data)))
+    total = sum(w * loss for w, loss in zip(weights, losses(model, data), strict=True))
     total.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -114,7 +119,9 @@ def test_buffer_and_streaming_same_weights_and_update():
         gb.combine(w)
         ss = gs.backward(losses(model_s, data), w)
     torch.testing.assert_close(sb.reference_cosines(), ss.reference_cosines(), rtol=1e-5, atol=1e-7)
-    for (n, pb), (_, ps) in zip(model_b.named_parameters(), model_s.named_parameters()):
+    for (n, pb), (_, ps) in zip(
+        model_b.named_parameters(), model_s.named_parameters(), strict=True
+    ):
         torch.testing.assert_close(pb.grad, ps.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
@@ -160,7 +167,7 @@ def test_missing_loss_is_not_measured_and_hooks_are_inert_outside():
         plain = [p.grad.clone() for p in model.shared_parameters()]
     model.zero_grad(set_to_none=True)
     losses(model, data)[1].backward()
-    for a, p in zip(plain, model.shared_parameters()):
+    for a, p in zip(plain, model.shared_parameters(), strict=True):
         assert torch.equal(a, p.grad)
 
 

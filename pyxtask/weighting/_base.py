@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -126,7 +127,7 @@ class Weighting:
             "sizes": self.sizes.tolist(),
             "w": self._w.tolist(),
             "updates": self.updates,
-            "trajectory": [dict(row) for row in self.trajectory],
+            "trajectory": copy.deepcopy(self.trajectory),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -139,11 +140,21 @@ class Weighting:
                 f"{self.sizes.tolist()}"
             )
         w = torch.tensor(state["w"], dtype=torch.float64)
-        if w.shape != self._w.shape or not math.isclose(float(w.sum()), 1.0, abs_tol=1e-9):
-            raise ValueError(f"state has invalid weights {state['w']}")
+        valid = (
+            w.shape == self._w.shape
+            and bool(torch.isfinite(w).all())
+            and bool((w >= 0).all())
+            and math.isclose(float(w.sum()), 1.0, abs_tol=1e-9)
+            and bool((w[~self.included] == 0).all())
+        )
+        if not valid:
+            raise ValueError(
+                f"state has invalid weights {state['w']}: they must be finite, >= 0, sum to 1 "
+                f"and be 0 outside the {self.paradigm!r} objective"
+            )
         self._w = w
         self.updates = int(state["updates"])
-        self.trajectory = [dict(row) for row in state["trajectory"]]
+        self.trajectory = copy.deepcopy(list(state["trajectory"]))
 
     def __repr__(self) -> str:
         omega = ", ".join(f"{x:.4g}" for x in self.omega.tolist())

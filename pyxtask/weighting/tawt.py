@@ -135,6 +135,8 @@ class TAWT(Weighting):
         if not bool(torch.isfinite(s[self.included]).all()):
             raise FloatingPointError(f"TAWT: similarities {s.tolist()} are not finite")
         g = torch.where(self.included, -self.c * s, torch.zeros_like(s))
+        if not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(f"TAWT: -c * s = {g.tolist()} overflows (c = {self.c})")
         self._set(ops.mirror_descent_step(self._w, g, self.lr), s, **where)
 
     def state_dict(self) -> dict[str, Any]:
