@@ -109,6 +109,8 @@ setup(
         "conllu>=6",
         "seqeval>=1.2.2",
         "transformers>=4.57",
+        "matplotlib>=3.8",
+        "pyyaml",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "scipy", "pytest-benchmark"],

@@ -3,11 +3,22 @@
 Importing the package loads the compiled op library (``torch.ops.pyxtask.*``); the typed
 Python API is :mod:`pyxtask.ops`, the plain-PyTorch references are in
 :mod:`pyxtask.reference`, Hessian-vector products in :mod:`pyxtask.hessian`; corpora, labels
-and batching in :mod:`pyxtask.data`, evaluation in :mod:`pyxtask.metrics`.
+and batching in :mod:`pyxtask.data`, evaluation in :mod:`pyxtask.metrics`; per-task gradients
+in :mod:`pyxtask.gradients`, task weightings (TAWT and the baselines) in
+:mod:`pyxtask.weighting`, the training loop in :mod:`pyxtask.train` (``pyxtask train``).
 """
 
-from pyxtask import data, hessian, metrics, ops, reference
+from pyxtask import data, gradients, hessian, metrics, ops, reference, weighting
 from pyxtask._extension import build_info
 
-__all__ = ["build_info", "data", "hessian", "metrics", "ops", "reference"]
+__all__ = [
+    "build_info",
+    "data",
+    "gradients",
+    "hessian",
+    "metrics",
+    "ops",
+    "reference",
+    "weighting",
+]
 __version__ = "0.1.0"

@@ -887,15 +887,22 @@ class RunResult:
     baselines: dict[str, dict[str, Any]]
 
     def table(self) -> str:
+        """The runs side by side, ending with the main run's test gain over each baseline."""
         rows = [self.main, *self.baselines.values()]
         metric = self.main["metric"]
-        lines = [f"target {self.main['target']} ({metric}), test split:"]
+        lines = [f"target {self.main['target']}, {metric} in %:"]
         for row in rows:
             lines.append(
-                f"  {row['method']:<26} dev {100 * row['dev']:6.2f}  test {100 * row['test']:6.2f}"
+                f"  {row['method']:<24} dev {100 * row['dev']:6.2f}  test {100 * row['test']:6.2f}"
                 f"  ({row['steps']} steps, {row['target_examples_seen']} target examples seen, "
                 f"{row['train_examples'][row['target']]} target sentences)"
             )
+        if self.baselines:
+            gains = ", ".join(
+                f"{100 * (self.main['test'] - row['test']):+.2f} vs {row['method']}"
+                for row in self.baselines.values()
+            )
+            lines.append(f"{self.main['method']} test {metric}: {gains} points")
         return "\n".join(lines)
 
 
