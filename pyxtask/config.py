@@ -75,6 +75,9 @@ class TrainConfig:
     #: Single-task runs only: this many optimizer steps in all (the step-matched baseline).
     total_steps: int | None = None
     batch_size: int = 32
+    #: Batch examples of similar length (chunks of 50 batches sorted by length): far less
+    #: padding, so much faster steps on CPUs; off gives the plain shuffled batches.
+    group_by_length: bool = True
     eval_batch_size: int = 64
     lr: float = 5e-5
     warmup: float = 0.1
@@ -191,6 +194,8 @@ class TrainConfig:
             raise ConfigError("tawt.c as a list (a sweep on the dev set) is for pretrain only")
         for name in self.compare:
             choice("compare entry", name, COMPARISONS)
+        if not isinstance(self.group_by_length, bool) or not isinstance(self.bf16, bool):
+            raise ConfigError("group_by_length and bf16 must be true or false")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device = {self.device!r}: use 'auto', 'cpu' or 'cuda[:N]'")
 

@@ -381,7 +381,13 @@ class Trainer:
             else:
                 steps = sum(math.ceil(n / b) for n in sizes)
         sampler = MultiTaskBatchSampler(
-            sizes, b, "shuffle", seed, task_probs=probs, steps_per_epoch=steps
+            sizes,
+            b,
+            "shuffle",
+            seed,
+            task_probs=probs,
+            steps_per_epoch=steps,
+            lengths=self._lengths(phase),
         )
         sampler.set_epoch(epoch)
         return sampler
@@ -712,6 +718,11 @@ class Trainer:
             state.update(phase=phase_index + 1, optimizer=None, epoch=0)
         return self._finish(state, time.perf_counter() - started)
 
+    def _lengths(self, phase: Phase) -> list[list[int]] | None:
+        if not self.config.group_by_length:
+            return None
+        return [[len(item.input_ids) for item in self.encoded[t]] for t in phase.tasks]
+
     def _restore_sampler(self, saved: dict[str, Any], phase_index: int) -> Any:
         from pyxtask.data import MultiTaskBatchSampler  # noqa: PLC0415
 
@@ -722,6 +733,7 @@ class Trainer:
             saved["seed"],
             task_probs=saved["task_probs"],
             steps_per_epoch=saved["steps_per_epoch"],
+            lengths=self._lengths(self.phases[phase_index]),
         )
         sampler.load_state_dict(saved)
         return sampler
