@@ -195,7 +195,7 @@ def _new_figure(width: float, height: float) -> Figure:
 def _save(fig: Figure, path: Path) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=_DPI)
+        fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.1)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -763,8 +763,15 @@ class Trainer:
                 f"{int(scheduler.last_epoch) + 1}; lower lr or check the data"
             )
         torch.autograd.backward(loss * factor)
-        if self.config.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
+        # The total norm is needed for clipping anyway; a NaN/inf one names the task.
+        clip = self.config.clip if self.config.clip > 0 else math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if not math.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"the gradient of {task.name}'s loss has NaN or infinite entries at step "
+                f"{int(scheduler.last_epoch) + 1}; lower lr or check the data"
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
