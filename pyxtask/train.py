@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from pyxtask import checkpoint
@@ -114,30 +116,45 @@ def load_tasks(config: TrainConfig) -> list[TaskData]:
     return tasks
 
 
+def _tiny_vocabulary(tasks: Sequence[TaskData], size: int = 4000) -> list[str]:
+    """A WordPiece vocabulary: specials, every character (also as ``##c``), frequent words.
+
+    Built by counting, not with ``tokenizers``' WordPiece trainer, whose result changes from
+    run to run (hash-map order decides its ties), which would make runs irreproducible.
+    """
+    from tokenizers import normalizers, pre_tokenizers  # noqa: PLC0415
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for task in tasks:
+        for e in task.train:
+            text = " ".join(e.words) if isinstance(e, TaggedSentence) else e.text
+            counts.update(w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    taken = set(vocab)
+    for word, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= size:
+            break
+        if word not in taken:
+            vocab.append(word)
+            taken.add(word)
+    return vocab
+
+
 def _tiny_encoder(tasks: Sequence[TaskData], config: TrainConfig, folder: Path) -> MultiTaskModel:
-    """A small random BERT with a WordPiece vocabulary learned from the training text."""
+    """A small random BERT with a word-and-character vocabulary from the training text."""
     import transformers  # noqa: PLC0415
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers  # noqa: PLC0415
 
-    BertTokenizerFast = cast(Any, transformers).BertTokenizerFast
-
-    def texts() -> Any:
-        for task in tasks:
-            for e in task.train:
-                yield " ".join(e.words) if isinstance(e, TaggedSentence) else e.text
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=4000, special_tokens=specials, show_progress=False
+    vocab_file = folder / "vocab.txt"
+    if not vocab_file.exists():  # a resumed run keeps the vocabulary it started with
+        folder.mkdir(parents=True, exist_ok=True)
+        text = "".join(f"{token}\n" for token in _tiny_vocabulary(tasks))
+        checkpoint.write_text(vocab_file, text)
+    tokenizer = cast(Any, transformers).BertTokenizerFast.from_pretrained(
+        folder, local_files_only=True
     )
-    wordpiece.train_from_iterator(texts(), trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = sorted(wordpiece.get_vocab().items(), key=lambda kv: kv[1])
-    (folder / "vocab.txt").write_text("".join(f"{tok}\n" for tok, _ in vocab), encoding="utf-8")
-    tokenizer = BertTokenizerFast.from_pretrained(folder, local_files_only=True)
     bert = transformers.BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -322,13 +339,18 @@ class Trainer:
         tokenizer = self.model.tokenizer
         self.pad = int(tokenizer.pad_token_id)
 
+        # Windows of long sentences overlap by 32 sub-words, or a quarter of short windows.
+        stride = min(32, (config.max_length - 2) // 4)
+
         def tok(examples: Sequence[Example]) -> list[Encoded]:
-            return tokenize_corpus(examples, None, tokenizer, max_length=config.max_length)[0]
+            return tokenize_corpus(
+                examples, None, tokenizer, max_length=config.max_length, stride=stride
+            )[0]
 
         self.encoded: list[list[Encoded]] = []
         for task in self.tasks:
             items, _ = tokenize_corpus(
-                task.train, task.labels, tokenizer, max_length=config.max_length
+                task.train, task.labels, tokenizer, max_length=config.max_length, stride=stride
             )
             self.encoded.append(items)
         target = self.tasks[0]
@@ -487,6 +509,47 @@ class Trainer:
             losses.append(cast(Tensor, out.loss).float())
         return losses
 
+    def _exact_reference(
+        self, phase: Phase, weighting: TAWT, shared: list[torch.nn.Parameter], epoch: int, step: int
+    ) -> Tensor:
+        """``x`` of eq. 2.7 on this update's probe batches, and a ``cg`` record in the log."""
+        omega = weighting.omega
+
+        def hessian_loss() -> Tensor:
+            losses = self._probe_losses(phase, weighting.updates)
+            return torch.stack(
+                [float(omega[t]) * cast(Tensor, losses[t]) for t in phase.tasks]
+            ).sum()
+
+        # Hessian-vector products differentiate attention twice; only the math kernel of
+        # scaled_dot_product_attention has a double backward.
+        with sdpa_kernel([SDPBackend.MATH]):
+            target_loss = cast(Tensor, self._probe_losses(phase, weighting.updates)[0])
+            grads = torch.autograd.grad(target_loss, shared, allow_unused=True)
+            b = [
+                torch.zeros_like(p) if g is None else g for p, g in zip(shared, grads, strict=True)
+            ]
+            reference, cg = exact_reference(
+                hessian_loss,
+                shared,
+                b,
+                damping=weighting.damping,
+                max_iter=weighting.cg_max_iter,
+                tol=weighting.cg_tol,
+            )
+        self._log(
+            "metrics.jsonl",
+            {
+                "kind": "cg",
+                "epoch": epoch,
+                "step": step,
+                "iterations": cg.iterations,
+                "residual": cg.residual,
+                "converged": cg.converged,
+            },
+        )
+        return reference
+
     def _update_weights(self, phase: Phase, epoch: int, step: int) -> None:
         weighting = phase.weighting
         if not isinstance(weighting, TAWT):
@@ -503,38 +566,7 @@ class Trainer:
         try:
             reference = None
             if weighting.similarity == "exact":
-                omega = weighting.omega
-
-                def hessian_loss() -> Tensor:
-                    ls = self._probe_losses(phase, weighting.updates)
-                    terms = [float(omega[t]) * cast(Tensor, ls[t]) for t in phase.tasks]
-                    return torch.stack(terms).sum()
-
-                target_loss = self._probe_losses(phase, weighting.updates)[0]
-                assert target_loss is not None
-                b = torch.autograd.grad(target_loss, shared, allow_unused=True)
-                b = tuple(
-                    torch.zeros_like(p) if x is None else x for p, x in zip(shared, b, strict=True)
-                )
-                reference, cg = exact_reference(
-                    hessian_loss,
-                    shared,
-                    b,
-                    damping=weighting.damping,
-                    max_iter=weighting.cg_max_iter,
-                    tol=weighting.cg_tol,
-                )
-                self._log(
-                    "metrics.jsonl",
-                    {
-                        "kind": "cg",
-                        "epoch": epoch,
-                        "step": step,
-                        "iterations": cg.iterations,
-                        "residual": cg.residual,
-                        "converged": cg.converged,
-                    },
-                )
+                reference = self._exact_reference(phase, weighting, shared, epoch, step)
             losses = self._probe_losses(phase, weighting.updates)
             with TaskGradients(shared, T, mode=mode, task_names=names) as grads:
                 stats = grads.backward(losses, [1.0] * T, reference=reference)
@@ -583,8 +615,6 @@ class Trainer:
         config_text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
         ckpt_path = self.run_dir / _CHECKPOINT
         summary_path = self.run_dir / _SUMMARY
-        if resume and summary_path.exists() and not ckpt_path.exists():
-            return cast(dict[str, Any], json.loads(summary_path.read_text()))
         if config_path.exists():
             if not resume:
                 raise FileExistsError(
@@ -596,6 +626,8 @@ class Trainer:
                     f"{os.fspath(config_path)} differs from this config; a run resumes only with "
                     "the configuration it was started with"
                 )
+            if summary_path.exists() and not ckpt_path.exists():
+                return cast(dict[str, Any], json.loads(summary_path.read_text()))  # finished
         self._setup()
         state: dict[str, Any] = {
             "phase": 0,
