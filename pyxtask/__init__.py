@@ -5,20 +5,28 @@ Python API is :mod:`pyxtask.ops`, the plain-PyTorch references are in
 :mod:`pyxtask.reference`, Hessian-vector products in :mod:`pyxtask.hessian`; corpora, labels
 and batching in :mod:`pyxtask.data`, evaluation in :mod:`pyxtask.metrics`; per-task gradients
 in :mod:`pyxtask.gradients`, task weightings (TAWT and the baselines) in
-:mod:`pyxtask.weighting`, the training loop in :mod:`pyxtask.train` (``pyxtask train``).
+:mod:`pyxtask.weighting`, the training loop in :mod:`pyxtask.train` (``pyxtask train``); export in
+:mod:`pyxtask.export`, serving in :mod:`pyxtask.serving` (which needs no torch: without torch
+installed, only it is importable).
 """
 
-from pyxtask import data, gradients, hessian, metrics, ops, reference, weighting
-from pyxtask._extension import build_info
-
-__all__ = [
-    "build_info",
-    "data",
-    "gradients",
-    "hessian",
-    "metrics",
-    "ops",
-    "reference",
-    "weighting",
-]
 __version__ = "0.1.0"
+
+try:
+    import torch  # noqa: F401
+except ImportError:  # a serving-only install (onnxruntime, numpy, tokenizers): pyxtask.serving
+    __all__: list[str] = []
+else:
+    from pyxtask import data, gradients, hessian, metrics, ops, reference, weighting
+    from pyxtask._extension import build_info
+
+    __all__ = [
+        "build_info",
+        "data",
+        "gradients",
+        "hessian",
+        "metrics",
+        "ops",
+        "reference",
+        "weighting",
+    ]

@@ -1,5 +1,9 @@
-"""The ``pyxtask`` command line: ``pyxtask data list | prepare NAME | info NAME`` and
-``pyxtask train [CONFIG] [--key value ...] [--resume]``.
+"""The ``pyxtask`` command line: ``pyxtask data list | prepare NAME | info NAME``,
+``pyxtask train [CONFIG] [--key value ...] [--resume]``, ``pyxtask export RUN_DIR --out
+BUNDLE``, ``pyxtask tag BUNDLE [FILE ...]`` and ``pyxtask serve BUNDLE``.
+
+``tag`` and ``serve`` import nothing that needs torch, so a serving machine needs only
+onnxruntime, numpy, tokenizers (and fastapi/uvicorn to serve).
 
 Errors a user can act on (an unknown corpus or task, a bad config key, a failed download, a
 checksum mismatch) print one ``error:`` line and exit with status 1, without a traceback.
@@ -11,8 +15,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 from typing import Any, cast
-
-from pyxtask.data import corpora
 
 # Flags of `pyxtask train`: (flag, config key, type, help). A flag overrides the config file.
 _TRAIN_FLAGS: list[tuple[str, str, type, str]] = [
@@ -79,6 +81,54 @@ def _parser() -> argparse.ArgumentParser:
         train.add_argument(flag, dest=f"set_{key}", type=kind, help=text)
     train.add_argument("--resume", action="store_true", help="continue the run in --output")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    export = commands.add_parser(
+        "export", help="export a run's target model: ONNX, TorchScript, tokenizer, labels"
+    )
+    export.add_argument("run_dir", help="a finished run folder (pyxtask train --output)")
+    export.add_argument("--out", required=True, help="bundle folder to write")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    export.add_argument("--fp16", action="store_true", help="also fp16 weights (model.fp16.onnx)")
+    export.add_argument(
+        "--int8", action="store_true", help="also dynamic int8 quantization (model.int8.onnx)"
+    )
+    export.add_argument(
+        "--no-optimize", action="store_true", help="skip onnxruntime's transformer fusions"
+    )
+    export.add_argument("--no-torchscript", action="store_true", help="skip model.ts")
+    export.add_argument(
+        "--no-measure",
+        action="store_true",
+        help="skip measuring each variant on the target's test split",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+
+    tag = commands.add_parser("tag", help="tag files or stdin with an exported bundle")
+    tag.add_argument("bundle")
+    tag.add_argument("inputs", nargs="*", help="input files (default: stdin; '-' is stdin)")
+    tag.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "conll", "jsonl"],
+        help="input: one sentence per line (text), CoNLL words, or JSONL",
+    )
+    tag.add_argument("--output-format", default="conll", choices=["conll", "jsonl"])
+    tag.add_argument("--output", "-o", help="output file (default: stdout)")
+    tag.add_argument("--variant", default="fp32", help="fp32 | fp16 | int8 (if exported)")
+    tag.add_argument("--batch-size", type=int, default=32)
+    tag.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    tag.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    serve = commands.add_parser("serve", help="serve a bundle over HTTP (POST /v1/tag)")
+    serve.add_argument("bundle")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--variant", default="fp32", help="fp32 | fp16 | int8 (if exported)")
+    serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    serve.add_argument("--max-batch", type=int, default=64, help="sentences per model call")
+    serve.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill"
+    )
     return parser
 
 
@@ -109,6 +159,84 @@ def _train_config(args: argparse.Namespace) -> Any:
     return from_mapping(base, source=args.config or "flags")
 
 
+def _export(args: argparse.Namespace) -> None:
+    import transformers  # noqa: PLC0415
+
+    from pyxtask.export import export_run  # noqa: PLC0415
+
+    cast(Any, transformers).utils.logging.disable_progress_bar()
+    manifest = export_run(
+        args.run_dir,
+        args.out,
+        opset=args.opset,
+        fp16=args.fp16,
+        int8=args.int8,
+        optimize=not args.no_optimize,
+        torchscript=not args.no_torchscript,
+        measure=not args.no_measure,
+        overwrite=args.overwrite,
+        log=_progress,
+    )
+    print(
+        f"bundle: {args.out} ({manifest['task']}, {manifest['kind']} task, "
+        f"{len(manifest['labels'])} labels, opset {manifest['opset']})"
+    )
+    fp32 = manifest["variants"]["fp32"].get("test_metric")
+    for name, variant in manifest["variants"].items():
+        metric = variant.get("test_metric")
+        measured = (
+            "not measured" if metric is None else f"test {manifest['metric']} {100 * metric:.2f}"
+        )
+        if metric is not None and fp32 is not None and name != "fp32":
+            measured += f" ({100 * (metric - fp32):+.2f} points vs fp32)"
+        fused = "fused" if variant.get("optimized") else "unfused"
+        print(f"  {name:<5} {variant['file']:<18} {fused:<8} {measured}")
+
+
+def _tag(args: argparse.Namespace) -> int:
+    from pyxtask.serving.files import read_items, tag_stream  # noqa: PLC0415
+    from pyxtask.serving.tagger import Tagger  # noqa: PLC0415
+
+    tagger = Tagger(args.bundle, args.variant, batch_size=args.batch_size, threads=args.threads)
+    problems: list[str] = []
+
+    def report(line: str) -> None:
+        problems.append(line)
+        print(f"warning: {line}", file=sys.stderr)
+
+    def items() -> Any:
+        for name in args.inputs or ["-"]:
+            if name == "-":
+                yield from read_items(sys.stdin, args.format, "<stdin>", report)
+            else:
+                with open(name, encoding="utf-8") as f:
+                    yield from read_items(f, args.format, name, report)
+
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        count = tag_stream(tagger, items(), out, args.output_format, progress=not args.quiet)
+    finally:
+        if args.output:
+            out.close()
+    if problems:
+        _progress(f"tagged {count} sentences; {len(problems)} malformed line(s) skipped")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from pyxtask.serving.server import serve  # noqa: PLC0415
+
+    serve(
+        args.bundle,
+        host=args.host,
+        port=args.port,
+        variant=args.variant,
+        threads=args.threads,
+        max_batch_sentences=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+    )
+
+
 def _train(args: argparse.Namespace) -> None:
     import transformers  # noqa: PLC0415
 
@@ -124,12 +252,37 @@ def _train(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
-    from pyxtask.config import ConfigError  # noqa: PLC0415
+    from pyxtask.serving.bundle import BundleError  # noqa: PLC0415
 
     args = _parser().parse_args(argv)
+    errors: tuple[type[BaseException], ...] = (BundleError, OSError)
+    try:
+        if args.command in ("tag", "serve"):  # torch-free paths
+            try:
+                if args.command == "tag":
+                    return _tag(args)
+                _serve(args)
+            except errors as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            return 0
+        return _torch_command(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _torch_command(args: argparse.Namespace) -> int:
+    from pyxtask.config import ConfigError  # noqa: PLC0415
+    from pyxtask.data import corpora  # noqa: PLC0415
+    from pyxtask.export import ExportError  # noqa: PLC0415
+    from pyxtask.serving.bundle import BundleError  # noqa: PLC0415
+
     try:
         if args.command == "train":
             _train(args)
+        elif args.command == "export":
+            _export(args)
         elif args.action == "list":
             for name in corpora.list_corpora():
                 corpus = corpora.get_corpus(name)
@@ -140,7 +293,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(card.text())
         else:
             print(corpora.info(args.name, args.cache))
-    except (corpora.CorpusError, corpora.FetchError, ConfigError, OSError) as exc:
+    except (
+        corpora.CorpusError,
+        corpora.FetchError,
+        ConfigError,
+        ExportError,
+        BundleError,
+        OSError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
