@@ -31,8 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from pyxtask import checkpoint
+from pyxtask._hashing import sha256_file
 from pyxtask.models import MultiTaskModel
-from pyxtask.serving.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, file_sha256
+from pyxtask.serving.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST
 
 __all__ = ["DEFAULT_OPSET", "ExportError", "TargetModel", "export_run"]
 
@@ -301,7 +302,7 @@ def export_run(
                 "onnxruntime": onnxruntime.__version__,
             },
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files": {name: file_sha256(tmp / name) for name in files},
+            "files": {name: sha256_file(tmp / name) for name in files},
         }
         if not (tmp / manifest["tokenizer"]).is_file():
             raise ExportError("the tokenizer saved no tokenizer.json (not a fast tokenizer?)")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "BundleError", "file_sha256", "read_manifest"]
+from pyxtask._hashing import sha256_file
+
+__all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "BundleError", "read_manifest"]
 
 BUNDLE_FORMAT = "pyxtask.bundle"
 BUNDLE_VERSION = 1
@@ -18,14 +19,6 @@ VARIANTS = ("fp32", "fp16", "int8")
 
 class BundleError(ValueError):
     """A bundle folder that cannot be served: missing files, a bad manifest, a checksum."""
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
@@ -54,7 +47,7 @@ def read_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> dict[s
             file = root / name
             if not file.is_file():
                 raise BundleError(f"bundle file {os.fspath(file)!r} is missing")
-            if file_sha256(file) != digest:
+            if sha256_file(file) != digest:
                 raise BundleError(
                     f"bundle file {os.fspath(file)!r} does not match its checksum in the manifest"
                 )

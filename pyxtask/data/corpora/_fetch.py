@@ -9,13 +9,14 @@ way with ``npm pack`` (:func:`fetch_npm`), which needs Node.js and npm installed
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from pyxtask._hashing import sha256_file
 
 __all__ = ["ChecksumError", "FetchError", "fetch_npm", "fetch_pip", "sha256_file"]
 
@@ -70,16 +71,6 @@ class ChecksumError(FetchError):
         self.path = path
         self.expected = expected
         self.actual = actual
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """The hex SHA-256 of a file, read in chunks so large archives are not loaded whole."""
-    # hashlib.file_digest would do this, but it is Python 3.11+ and the project targets 3.10.
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_sha256(path: str | os.PathLike[str], expected: str) -> None:
