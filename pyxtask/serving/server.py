@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ log = logging.getLogger("pyxtask.serving")
 
 Sentence = str | list[str]
 _INPUT_KEYS = ("sentences", "text", "words")
+_PIECE = 4096  # characters pre-tokenized at a time when counting a long sentence's words
+_WHITESPACE = re.compile(r"\s")
 
 
 class _ClientError(Exception):
@@ -179,18 +182,19 @@ class _Stats:
     requests: int = 0  # accepted into the queue
     sentences: int = 0
     batches: int = 0  # model calls (a failed batch retried request by request counts each)
-    batch_requests: int = 0
+    batch_requests: int = 0  # requests and sentences over all model calls, for the means
+    batch_sentences: int = 0
     rejected: int = 0  # 4xx answers from /v1/tag
     model_errors: int = 0  # requests that got a 500
 
     def to_dict(self) -> dict[str, Any]:
-        batches = max(self.batches, 1)
+        batches = self.batches or 1  # the means are 0.0 before the first batch
         return {
             "requests": self.requests,
             "sentences": self.sentences,
             "batches": self.batches,
-            "mean_batch_sentences": self.sentences / batches if self.batches else 0.0,
-            "mean_batch_requests": self.batch_requests / batches if self.batches else 0.0,
+            "mean_batch_sentences": self.batch_sentences / batches,
+            "mean_batch_requests": self.batch_requests / batches,
             "rejected": self.rejected,
             "model_errors": self.model_errors,
         }
@@ -207,32 +211,39 @@ class _Batcher:
     _closing: bool = False
 
     def start(self) -> None:
+        """Start the worker (idempotent); called from the app's lifespan."""
         if self._worker is not None and not self._worker.done():
             return
-        self._queue = asyncio.Queue()
+        # A queue left by a worker that died keeps its jobs for the new worker; after close()
+        # there is none, and a fresh queue binds to the current event loop.
+        if self._queue is None:
+            self._queue = asyncio.Queue()
         self._closing = False
         self._worker = asyncio.get_running_loop().create_task(self._work(self._queue))
 
     async def close(self) -> None:
         """Stop taking requests, finish every queued one, then stop the worker."""
+        self._closing = True
         if self._worker is None or self._queue is None:
             return
-        self._closing = True
         # The sentinel goes behind everything already queued (FIFO), so the worker drains the
         # queue before it sees it: graceful, no accepted request is dropped.
         self._queue.put_nowait(None)
-        await self._worker
+        try:
+            await self._worker
+        except Exception:
+            log.exception("the batching worker failed")
         self._worker = None
+        self._queue = None
 
     def submit(self, sentences: list[Sentence]) -> asyncio.Future[list[Tagged]]:
-        # Lazy start covers servers run without lifespan events (lifespan="off").
-        if self._worker is None or self._worker.done():
-            if self._closing:
-                raise _ClientError(503, "the server is shutting down")
-            self.start()
-        assert self._queue is not None
+        """Queue one request's sentences; the future gets its results in order."""
         if self._closing:
             raise _ClientError(503, "the server is shutting down")
+        # Lazy start covers servers run without lifespan events (lifespan="off") and revives a
+        # worker that died.
+        self.start()
+        assert self._queue is not None
         future: asyncio.Future[list[Tagged]] = asyncio.get_running_loop().create_future()
         # put_nowait right after the closing check, with no await between: a job can never land
         # behind the shutdown sentinel and wait forever.
@@ -294,9 +305,9 @@ class _Batcher:
             # In a thread so the event loop keeps accepting requests (which queue up as the next
             # batch); awaited here so only one model call runs at a time.
             results = await asyncio.to_thread(self.tagger.tag, sentences)
-            self._count_batch(len(live))
+            self._count_batch(len(live), len(sentences))
         except Exception as exc:
-            self._count_batch(len(live))
+            self._count_batch(len(live), len(sentences))
             if len(live) == 1:
                 log.exception("tagging failed")
                 self.stats.model_errors += 1
@@ -313,9 +324,10 @@ class _Batcher:
             self._settle(j, results=results[offset : offset + n])
             offset += n
 
-    def _count_batch(self, requests: int) -> None:
+    def _count_batch(self, requests: int, sentences: int) -> None:
         self.stats.batches += 1
         self.stats.batch_requests += requests
+        self.stats.batch_sentences += sentences
 
     @staticmethod
     def _settle(
@@ -388,8 +400,37 @@ def create_app(
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail))
 
-    def count_words(sentence: Sentence) -> int:
-        return len(sentence) if isinstance(sentence, list) else len(tagger.split_words(sentence))
+    def count_words(sentence: Sentence) -> tuple[int, bool]:
+        """Words as the tokenizer splits them, and whether that is all of them: counting stops
+        once past ``max_words``.
+
+        Pre-tokenizing holds the GIL, and its cost grows with the number of words it returns,
+        so a 1 MB run of punctuation would stall the event loop for half a second. Long text is
+        counted a piece at a time, cut at whitespace where there is some nearby (pre-tokenizers
+        split there anyway), and counting stops as soon as the limit is certainly passed.
+        """
+        if isinstance(sentence, list):
+            return len(sentence), True
+        total = start = cuts = 0
+        size = len(sentence)
+        while start < size:
+            end = start + _PIECE
+            if end < size:
+                space = _WHITESPACE.search(sentence, end, min(size, end + _PIECE))
+                if space is not None:
+                    end = space.start()
+                else:
+                    cuts += 1  # cut inside a word, which may then be counted twice
+            else:
+                end = size
+            total += len(tagger.split_words(sentence[start:end]))
+            start = end
+            if total - cuts > max_words:
+                return total - cuts, start >= size and cuts == 0
+        if cuts:
+            # Within the limit give or take the cut words: the exact count is cheap now.
+            total = len(tagger.split_words(sentence))
+        return total, True
 
     @app.post("/v1/tag")
     async def tag(request: Request) -> JSONResponse:
@@ -397,11 +438,13 @@ def create_app(
             body = await _read_body(request, max_request_bytes)
             key, sentences = _parse(body, max_sentences=max_request_sentences)
             for i, sentence in enumerate(sentences):
-                n = count_words(sentence)
+                n, whole = count_words(sentence)
                 if n > max_words:
                     where = f"sentences[{i}]" if key == "sentences" else f"'{key}'"
                     raise _ClientError(
-                        413, f"{where} has {n} words; the limit is {max_words} words per sentence"
+                        413,
+                        f"{where} has {'' if whole else 'at least '}{n} words; "
+                        f"the limit is {max_words} words per sentence",
                     )
             future = batcher.submit(sentences)
         except _ClientError as exc:
