@@ -19,6 +19,7 @@ import transformers
 from pyxtask import cli
 from pyxtask.config import ConfigError, TAWTConfig, TrainConfig, from_mapping, load_config
 from pyxtask.data import LabelMap, TaggedSentence
+from pyxtask.data.tokenization import LongSequenceWarning
 from pyxtask.models import MultiTaskModel
 from pyxtask.train import TaskData, Trainer, load_tasks
 from tests._corpora import prepare_or_skip
@@ -118,7 +119,9 @@ def test_tawt_weights_the_helpful_source_above_the_shuffled_one(tmp_path, seed):
     omega = summary["omega"]
     assert summary["sources"] == ["syn.helpful", "syn.noise"]
     _, helpful, noise = omega
-    assert helpful > 2 * noise, omega
+    # Observed on seeds 0-5: helpful / noise from 36 to 6700 (omega_target ~ 1 - 1e-6: with
+    # cos = 1 for itself, 21 updates at the paper's eta = c = 1 push the target's weight up).
+    assert helpful > 5 * noise, omega
     assert math.isclose(sum(omega), 1.0, abs_tol=1e-9)
     # The target learnt its rule (4 classes: chance is ~25%).
     assert summary["dev"] > 0.6
@@ -141,6 +144,9 @@ def test_tawt_weights_the_helpful_source_above_the_shuffled_one(tmp_path, seed):
     for row in rows:
         assert math.isclose(sum(float(row[f"omega:{n}"]) for n in names), 1.0, abs_tol=1e-8)
         assert math.isclose(sum(float(row[f"w:{n}"]) for n in names), 1.0, abs_tol=1e-8)
+    # From halfway on the helpful source stays ahead (observed: at least 3.9 times the weight).
+    for row in rows[len(rows) // 2 :]:
+        assert float(row["omega:syn.helpful"]) > float(row["omega:syn.noise"]), row
     last = [float(rows[-1][f"omega:{n}"]) for n in names]
     assert last == pytest.approx(omega, rel=1e-8, abs=1e-12)
     # Normalized-joint starts at omega = 1/3 each.
@@ -304,6 +310,7 @@ TINY_RUN = [
 
 
 @pytest.mark.network
+@pytest.mark.filterwarnings("ignore::pyxtask.data.tokenization.LongSequenceWarning")
 def test_cli_train_tiny_encoder_with_step_matched_baseline(real_corpora, tmp_path, capsys):
     out = tmp_path / "run"
     code = cli.main([*TINY_RUN, "--output", os.fspath(out), "--compare", "single-steps"])
@@ -336,6 +343,7 @@ def test_cli_train_tiny_encoder_with_step_matched_baseline(real_corpora, tmp_pat
 
 
 @pytest.mark.network
+@pytest.mark.filterwarnings("ignore::pyxtask.data.tokenization.LongSequenceWarning")
 def test_cli_pretrain_sweeps_c_and_keeps_the_best_dev(real_corpora, tmp_path, capsys):
     out = tmp_path / "run"
     code = cli.main(
@@ -473,8 +481,13 @@ def test_resume_of_a_finished_run_with_a_changed_config_is_an_error(tmp_path):
 
 
 def test_short_max_length_trains(tmp_path):
-    config = synthetic_config(epochs=1, max_length=32)
-    Trainer(config, tmp_path, progress=False, tasks=synthetic_tasks(0, 8, 8, 4)).fit()
+    # max_length >= 8 is valid: the windows' stride must shrink with it (sentences of up to 12
+    # words are split into overlapping windows of 10 sub-words)
+    config = synthetic_config(epochs=1, max_length=12)
+    with pytest.warns(LongSequenceWarning, match="overlapping windows"):
+        summary = Trainer(config, tmp_path, progress=False, tasks=synthetic_tasks(0, 8, 8, 4)).fit()
+    assert summary["steps"] >= 3
+    assert 0.0 <= summary["test"] <= 1.0
 
 
 # --------------------------------------------------------------------------------------------
