@@ -17,7 +17,8 @@ onnxruntime's ``intra_op_num_threads``), as the median of repeated calls after a
   (tokenization, windowing, batching, padding, softmax and argmax included);
 
 for (a) one 20-word sentence and (b) a batch of 32 sentences of 40 words. Then the HTTP server
-(:func:`pyxtask.serving.server.create_app` under uvicorn, in a thread of this process) is
+(``pyxtask serve`` in its own process, as deployed; ``--server thread`` runs
+:func:`pyxtask.serving.server.create_app` under uvicorn in a thread of this process) is
 loaded by concurrent clients sending one sentence per request, and its throughput is compared
 with in-process ``Tagger.tag`` on the same sentences in batches.
 """
@@ -251,6 +252,47 @@ def running_server(tagger: Tagger, **limits: Any) -> Iterator[str]:
         thread.join(timeout=30)
 
 
+@contextlib.contextmanager
+def server_process(bundle: Path, threads: int, max_wait_ms: float) -> Iterator[str]:
+    """``pyxtask serve`` in its own process, as it is deployed (the load generator then does
+    not share the server's interpreter lock); yields the ``/v1/tag`` URL, stops it with
+    SIGTERM on exit."""
+    import subprocess
+    import urllib.request
+
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "pyxtask.cli",
+        "serve",
+        str(bundle),
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--max-batch",
+        "64",
+        "--max-wait-ms",
+        str(max_wait_ms),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("pyxtask serve did not start") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/v1/tag"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def load_tools() -> tuple[Any, Any] | str:
     """(create_app, run_load), or why the served benchmark cannot run."""
     try:
@@ -290,12 +332,17 @@ def served(
             **t,
         }
 
-    with running_server(tagger, max_batch_sentences=64, max_wait_ms=args.max_wait_ms) as url:
+    if args.server == "process":
+        serving = server_process(bundle, threads, args.max_wait_ms)
+    else:
+        serving = running_server(tagger, max_batch_sentences=64, max_wait_ms=args.max_wait_ms)
+    with serving as url:
         # Warm-up: connections, the batcher, onnxruntime's shapes.
         run_load(url, payloads, clients=args.clients, requests_per_client=5)
         load = run_load(url, payloads, clients=args.clients, requests_per_client=args.requests)
     reference = inproc[str(args.clients)]["sentences_per_s"]
     return {
+        "server": args.server,
         "clients": args.clients,
         "requests_per_client": args.requests,
         "sentences_per_request": 1,
@@ -358,6 +405,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
     parser.add_argument("--requests", type=int, help="requests per client (default 100; 25)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's batch wait")
+    parser.add_argument(
+        "--server",
+        choices=["process", "thread"],
+        default="process",
+        help="pyxtask serve in its own process (default, as deployed) or in a thread here",
+    )
     parser.add_argument("--out", type=Path, help="JSON path (default results/serving-<ts>.json)")
     args = parser.parse_args(argv)
     if args.requests is None:
