@@ -79,20 +79,30 @@ def timed(fn: Callable[[], object], *, warmup: int, reps: int) -> dict[str, Any]
 
 
 def timed_together(
-    fns: dict[str, Callable[[], object]], *, warmup: int, reps: int
+    fns: dict[str, Callable[[], object]], *, warmup: int, reps: int, rounds: int = 3
 ) -> dict[str, dict[str, Any]]:
-    """Like :func:`timed` for several contenders, interleaved: each round calls every one
-    once, so a change in background load hits all of them alike instead of whichever was
-    being timed at the moment."""
+    """Like :func:`timed` for several contenders, in ``rounds`` rounds of blocks: each round
+    times a block of ``reps / rounds`` calls of every contender in turn, so a change in
+    background load hits all of them alike.
+
+    Blocks, not call-by-call interleaving: onnxruntime's intra-op threads spin-wait for a
+    while after each ``run()``, and a contender called right after another's session shares
+    the cores with those spinning threads (on 2 cores that made one eager call 7x slower). The
+    first call of every block is an untimed warm-up that absorbs this.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
+    rounds = max(1, min(rounds, reps))
+    for r in range(rounds):
+        block = reps // rounds + (1 if r < reps % rounds else 0)
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - start) * 1000.0)
+            fn()  # untimed: lets the previous contender's threads go idle
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - start) * 1000.0)
     return {name: _summary(values) for name, values in samples.items()}
 
 

@@ -152,15 +152,22 @@ def _int8(src: Path, dst: Path) -> None:
     import onnx  # noqa: PLC0415
     from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
 
-    # The fused ops (com.microsoft Attention, …) defeat ONNX shape inference; their outputs
-    # are float, which is what the quantizer needs to be told.
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-    quantize_dynamic(
-        os.fspath(src),
-        os.fspath(dst),
-        weight_type=QuantType.QInt8,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    # The quantizer logs a "consider pre-processing" warning through the root logger on every
+    # call; quieten it for this call only.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        # The fused ops (com.microsoft Attention, …) defeat ONNX shape inference; their
+        # outputs are float, which is what the quantizer needs to be told.
+        quantize_dynamic(
+            os.fspath(src),
+            os.fspath(dst),
+            weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    finally:
+        root.setLevel(level)
 
 
 def _test_metric(

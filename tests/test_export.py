@@ -506,3 +506,16 @@ def test_serving_without_torch(built):
         else:
             assert g["label"] == w["label"]
             assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-6)
+
+
+def test_int8_export_leaves_the_root_logger_alone(tmp_path):
+    import logging
+
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        make_bundle(tmp_path, "token", int8=True)
+        assert root.level == logging.WARNING
+    finally:
+        root.setLevel(before)
