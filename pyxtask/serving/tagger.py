@@ -9,6 +9,7 @@ the tags equal the trainer's own predictions on the same words.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,7 @@ class Tagger:
             os.fspath(root / variants[variant]["file"]), options, providers=list(providers)
         )
         self._input_names = [i.name for i in self._session.get_inputs()]
+        self._tokenize_lock = threading.Lock()
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -221,25 +223,26 @@ class Tagger:
         windows: list[_Window] = []
         words_of: list[list[str]] = []
         covered_of: list[list[bool]] = []
-        for item, value in enumerate(inputs):
-            if isinstance(value, str):
-                text = value
-                words = self.split_words(value)
-            elif isinstance(value, Sequence) and all(isinstance(w, str) for w in value):
-                words = list(value)
-                text = " ".join(words)
-            else:
-                raise TypeError(f"input {item} must be a string or a list of strings")
-            words_of.append(words)
-            if self.kind == "sentence":
-                windows.append(self._sentence_window(item, text))
-                covered_of.append([])
-            elif words:
-                found, covered = self._token_windows(item, words)
-                windows.extend(found)
-                covered_of.append(covered)
-            else:
-                covered_of.append([])
+        with self._tokenize_lock:  # truncation settings live on the shared tokenizer
+            for item, value in enumerate(inputs):
+                if isinstance(value, str):
+                    text = value
+                    words = self.split_words(value)
+                elif isinstance(value, Sequence) and all(isinstance(w, str) for w in value):
+                    words = list(value)
+                    text = " ".join(words)
+                else:
+                    raise TypeError(f"input {item} must be a string or a list of strings")
+                words_of.append(words)
+                if self.kind == "sentence":
+                    windows.append(self._sentence_window(item, text))
+                    covered_of.append([])
+                elif words:
+                    found, covered = self._token_windows(item, words)
+                    windows.extend(found)
+                    covered_of.append(covered)
+                else:
+                    covered_of.append([])
         probabilities = self._run(windows)
         results = [Tagged(words=w) for w in words_of]
         if self.kind == "sentence":
