@@ -166,6 +166,11 @@ class TaskGradients:
         self._dtype = params[0].dtype
         self._device = params[0].device
         self._buffer: Tensor | None = None
+        # Buffer mode, between backward() and combine(): the .grad held before, and whether a
+        # combination is still owed.
+        self._previous: list[Tensor | None] = []
+        self._head_grads_before: list[list[Tensor | None]] = []
+        self._pending = False
         self._reference: Tensor | None = None
         # Streaming state, read by the hooks while a task's backward runs.
         self._phase: int | None = None
@@ -346,7 +351,7 @@ class TaskGradients:
     def combine(self, weights: Tensor | Sequence[float]) -> None:
         """Buffer mode: write ``sum_t w_t g_t`` (plus what ``.grad`` held before) into ``.grad``
         and scale each task's head gradients by its weight."""
-        if self.mode != "buffer" or self._buffer is None or not getattr(self, "_pending", False):
+        if self.mode != "buffer" or self._buffer is None or not self._pending:
             raise RuntimeError("combine() follows a buffer-mode backward() without weights")
         w = _as_weights(weights, self.num_tasks)
         G = self._buffer

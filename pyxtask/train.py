@@ -420,12 +420,6 @@ class Trainer:
         total = per_epoch * phase.epochs
         return total if phase.max_steps is None else min(total, phase.max_steps)
 
-    def planned_steps(self) -> int:
-        """Optimizer steps the whole run takes (all phases)."""
-        if not hasattr(self, "phases"):
-            self._setup()
-        return sum(self._phase_steps(i) for i in range(len(self.phases)))
-
     def _optimizer(self, phase_index: int) -> tuple[torch.optim.Optimizer, Any]:
         config = self.config
         phase = self.phases[phase_index]
@@ -498,16 +492,20 @@ class Trainer:
                 continue
             k = min(weighting.probe_size, len(items))
             idx = torch.randperm(len(items), generator=g)[:k].tolist()
-            batch = collate([items[i] for i in idx], self.pad)
-            with _autocast(self.device, self.config.bf16):
-                out = self.model(
-                    self.tasks[t].head,
-                    batch["input_ids"].to(self.device),
-                    batch["attention_mask"].to(self.device),
-                    batch["labels"].to(self.device),
-                )
-            losses.append(cast(Tensor, out.loss).float())
+            losses.append(self._batch_loss(t, idx))
         return losses
+
+    def _batch_loss(self, t: int, indices: Sequence[int]) -> Tensor:
+        """Task ``t``'s mean loss on its training examples ``indices`` (fp32)."""
+        batch = collate([self.encoded[t][i] for i in indices], self.pad)
+        with _autocast(self.device, self.config.bf16):
+            out = self.model(
+                self.tasks[t].head,
+                batch["input_ids"].to(self.device),
+                batch["attention_mask"].to(self.device),
+                batch["labels"].to(self.device),
+            )
+        return cast(Tensor, out.loss).float()
 
     def _exact_reference(
         self, phase: Phase, weighting: TAWT, shared: list[torch.nn.Parameter], epoch: int, step: int
@@ -641,7 +639,6 @@ class Trainer:
             "pending": {},
             "target_seen": 0,
             "elapsed": 0.0,
-            "phase_done": False,
         }
         if resume and ckpt_path.exists():
             saved = checkpoint.load(ckpt_path)
@@ -665,7 +662,7 @@ class Trainer:
                 scheduler.load_state_dict(state["scheduler"])
                 phase.weighting.load_state_dict(state["weighting"])
             else:
-                state.update(epoch=0, sampler=None, pending={}, phase_done=False)
+                state.update(epoch=0, sampler=None, pending={})
                 if isinstance(phase.weighting, TAWT) or phase_index == 0:
                     self._write_weights(phase, phase.weighting.trajectory[0])
             if rng is not None:
@@ -676,9 +673,11 @@ class Trainer:
             for epoch in range(int(state["epoch"]), phase.epochs):
                 if done_steps >= phase_steps:
                     break
+                # The same sampler as the epoch started with (weights that act as sampling
+                # probabilities change only between epochs), moved to the saved position.
                 sampler = self._sampler_for(phase_index, epoch)
                 if state["sampler"] is not None and state["sampler"]["epoch"] == epoch:
-                    sampler = self._restore_sampler(state["sampler"], phase_index)
+                    sampler.load_state_dict(state["sampler"])
                 state["sampler"] = None
                 pending: dict[int, list[float]] = {int(k): v for k, v in state["pending"].items()}
                 factors = phase.weighting.loss_factors() if config.weights_as == "loss" else None
@@ -755,21 +754,6 @@ class Trainer:
             return None
         return [[len(item.input_ids) for item in self.encoded[t]] for t in phase.tasks]
 
-    def _restore_sampler(self, saved: dict[str, Any], phase_index: int) -> Any:
-        from pyxtask.data import MultiTaskBatchSampler  # noqa: PLC0415
-
-        sampler = MultiTaskBatchSampler(
-            saved["task_sizes"],
-            saved["batch_sizes"],
-            saved["mode"],
-            saved["seed"],
-            task_probs=saved["task_probs"],
-            steps_per_epoch=saved["steps_per_epoch"],
-            lengths=self._lengths(self.phases[phase_index]),
-        )
-        sampler.load_state_dict(saved)
-        return sampler
-
     def _train_step(
         self,
         t: int,
@@ -779,15 +763,7 @@ class Trainer:
         scheduler: Any,
     ) -> float:
         task = self.tasks[t]
-        batch = collate([self.encoded[t][i] for i in indices], self.pad)
-        with _autocast(self.device, self.config.bf16):
-            out = self.model(
-                task.head,
-                batch["input_ids"].to(self.device),
-                batch["attention_mask"].to(self.device),
-                batch["labels"].to(self.device),
-            )
-        loss = cast(Tensor, out.loss).float()
+        loss = self._batch_loss(t, indices)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(
