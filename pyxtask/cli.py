@@ -127,7 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     serve.add_argument("--max-batch", type=int, default=64, help="sentences per model call")
     serve.add_argument(
-        "--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill"
+        "--max-wait-ms",
+        type=float,
+        default=0.0,
+        help="how long a batch waits for more requests (default 0: it takes what queued "
+        "while the model ran; a wait pays on GPUs, where bigger batches are cheaper)",
     )
     return parser
 

@@ -285,6 +285,49 @@ def test_concurrent_load_is_batched(served, tagger):
     assert batches < requests, (batches, requests)  # requests shared model calls
 
 
+@pytest.mark.parametrize("max_wait_ms", [0.0, 1000.0])
+def test_batch_takes_what_queued_while_the_model_ran(tagger, max_wait_ms):
+    """Default (no wait): the first request runs alone at once, the five sent while it ran form
+    the next batch. With a wait longer than they take to arrive, all six share one batch."""
+    entered = threading.Event()
+    release = threading.Event()
+
+    class Gated:
+        def __getattr__(self, name):
+            return getattr(tagger, name)
+
+        def tag(self, inputs):
+            entered.set()
+            release.wait(10)
+            return tagger.tag(inputs)
+
+    app = create_app(Gated(), max_wait_ms=max_wait_ms)
+    answers = []
+    with running(app) as (url, _):
+
+        def post(i):
+            answers.append(httpx.post(f"{url}/v1/tag", json={"text": f"w{i} w2"}, timeout=15))
+
+        first = threading.Thread(target=post, args=(0,))
+        first.start()
+        if max_wait_ms == 0:
+            assert entered.wait(10), "the first request did not reach the model on its own"
+        rest = [threading.Thread(target=post, args=(i,)) for i in range(1, 6)]
+        for t in rest:
+            t.start()
+        deadline = time.monotonic() + 10
+        while app.state.batcher.stats.requests < 6:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        release.set()
+        for t in [first, *rest]:
+            t.join(timeout=15)
+        batches = app.state.batcher.stats.batches
+    assert len(answers) == 6
+    assert all(a.status_code == 200 for a in answers)
+    assert batches == (2 if max_wait_ms == 0 else 1)
+
+
 def test_load_test_module(served):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
