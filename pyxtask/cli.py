@@ -133,6 +133,12 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a batch waits for more requests (default 0: it takes what queued "
         "while the model ran; a wait pays on GPUs, where bigger batches are cheaper)",
     )
+    serve.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="no log line per request (uvicorn's access log; errors are still logged)",
+    )
     return parser
 
 
@@ -238,6 +244,7 @@ def _serve(args: argparse.Namespace) -> None:
         threads=args.threads,
         max_batch_sentences=args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        access_log=args.access_log,
     )
 
 

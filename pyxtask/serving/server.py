@@ -491,6 +491,7 @@ def serve(
     max_batch_sentences: int = 64,
     max_wait_ms: float = 0.0,
     log_level: str = "info",
+    access_log: bool = True,
 ) -> None:
     """Load ``bundle`` and serve it until SIGINT/SIGTERM (blocking).
 
@@ -499,4 +500,11 @@ def serve(
     """
     tagger = Tagger(bundle, variant, threads=threads)
     app = create_app(tagger, max_batch_sentences=max_batch_sentences, max_wait_ms=max_wait_ms)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=10,
+    )
