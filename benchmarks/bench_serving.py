@@ -483,7 +483,7 @@ def bench(
     attn = getattr(model.encoder.config, "_attn_implementation", "?")
     sessions = {name: session(bundle, manifest, name, n) for name in ("fp32", "int8")}
     taggers = {
-        name: Tagger(bundle, name, threads=n, batch_size=32, verify=False)
+        name: Tagger(bundle, name, threads=n, verify=False)
         for name in ("fp32", "int8")
     }
     pool = corpus_sentences(args.corpus)

@@ -115,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     tag.add_argument("--output-format", default="conll", choices=["conll", "jsonl"])
     tag.add_argument("--output", "-o", help="output file (default: stdout)")
     tag.add_argument("--variant", default="fp32", help="fp32 | fp16 | int8 (if exported)")
-    tag.add_argument("--batch-size", type=int, default=32)
+    tag.add_argument(
+        "--batch-size", type=int, help="windows per model call (default 32; int8: 1, see Tagger)"
+    )
     tag.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     tag.add_argument("--quiet", action="store_true", help="no progress bar")
 

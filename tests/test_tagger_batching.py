@@ -60,6 +60,21 @@ def test_grouping_never_changes_a_tag(bundle):
         assert a.scores == pytest.approx(b.scores, abs=1e-5)
 
 
+def test_int8_tags_do_not_depend_on_batch_mates(tmp_path_factory):
+    # Dynamic int8 quantization scales activations over the whole batch; by default the int8
+    # variant runs one window per call, so a sentence tags the same alone or among others.
+    bundle = make_bundle(tmp_path_factory.mktemp("int8"), "token", int8=True)[1]
+    rng = random.Random(5)
+    vocabulary = [f"w{i}" for i in range(40)] + ["zq77x", "Zoë", ",", "."]
+    sentences = [[rng.choice(vocabulary) for _ in range(rng.randint(1, 30))] for _ in range(30)]
+    tagger = Tagger(bundle, "int8", verify=False)
+    assert tagger.batch_size == 1
+    together = tagger.tag(sentences)
+    alone = [tagger.tag([s])[0] for s in sentences]
+    assert [r.scores for r in together] == [r.scores for r in alone]
+    assert Tagger(bundle, "fp32", verify=False).batch_size == 32
+
+
 @pytest.mark.parametrize("bad", [-0.1, float("nan")])
 def test_negative_or_nan_max_padding_is_refused(bundle, bad):
     with pytest.raises(ValueError, match="max_padding"):
