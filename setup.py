@@ -116,6 +116,10 @@ setup(
         "tokenizers",
         "fastapi",
         "uvicorn",
+        # uvicorn picks these up by itself: the C HTTP parser and libuv event loop are the
+        # production setup FastAPI recommends (uvicorn[standard] minus reload/websocket extras).
+        "httptools",
+        "uvloop; sys_platform != 'win32'",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "scipy", "pytest-benchmark", "httpx"],

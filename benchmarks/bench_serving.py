@@ -482,10 +482,7 @@ def bench(
     eager = TargetModel(model, manifest["head"]).eval()
     attn = getattr(model.encoder.config, "_attn_implementation", "?")
     sessions = {name: session(bundle, manifest, name, n) for name in ("fp32", "int8")}
-    taggers = {
-        name: Tagger(bundle, name, threads=n, verify=False)
-        for name in ("fp32", "int8")
-    }
+    taggers = {name: Tagger(bundle, name, threads=n, verify=False) for name in ("fp32", "int8")}
     pool = corpus_sentences(args.corpus)
     cases_in = {
         "one": ("1 x 20 words", sentences_of(pool, 1, 20), reps),
