@@ -68,6 +68,14 @@ def stats(http):
     return http.get("/v1/metadata").json()["stats"]
 
 
+def wait_until_accepted(app, requests, timeout=10.0):
+    """Block until the app's batcher has taken ``requests`` requests into its queue."""
+    deadline = time.monotonic() + timeout
+    while app.state.batcher.stats.requests < requests:
+        assert time.monotonic() < deadline, f"{requests} requests not accepted in {timeout} s"
+        time.sleep(0.01)
+
+
 def direct(tagger, inputs):
     # Through JSON, as the server sends it (floats round-trip exactly).
     return json.loads(json.dumps([r.to_dict() for r in tagger.tag(inputs)]))
@@ -315,10 +323,7 @@ def test_batch_takes_what_queued_while_the_model_ran(tagger, max_wait_ms):
         rest = [threading.Thread(target=post, args=(i,)) for i in range(1, 6)]
         for t in rest:
             t.start()
-        deadline = time.monotonic() + 10
-        while app.state.batcher.stats.requests < 6:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until_accepted(app, 6)
         release.set()
         for t in [first, *rest]:
             t.join(timeout=15)
@@ -364,10 +369,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(tagger):
         for t in threads:
             t.start()
         # Wait until all six are queued or running (at most 2 per 0.3 s model call), then stop.
-        deadline = time.monotonic() + 5
-        while app.state.batcher.stats.requests < 6:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until_accepted(app, 6)
         server.should_exit = True
         for t in threads:
             t.join(timeout=15)
