@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyxtask.serving import Tagger
-from pyxtask.serving.tagger import _Window
+from pyxtask.serving.tagger import _length_chunks
 from tests._bundles import make_bundle
 
 
@@ -28,10 +28,8 @@ def bundle(tmp_path_factory):
     batch_size=st.integers(1, 40),
     max_padding=st.sampled_from([0.0, 0.1, 0.25, 1.0, float("inf")]),
 )
-def test_chunks_cover_windows_within_size_and_padding(bundle, lengths, batch_size, max_padding):
-    tagger = Tagger(bundle, batch_size=batch_size, max_padding=max_padding, verify=False)
-    windows = [_Window(i, [7] * n, []) for i, n in enumerate(lengths)]
-    chunks = tagger._chunks(windows)
+def test_chunks_cover_windows_within_size_and_padding(lengths, batch_size, max_padding):
+    chunks = _length_chunks(lengths, batch_size, max_padding)
     assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
     flat = [lengths[i] for c in chunks for i in c]
     assert flat == sorted(flat)  # by length, so a chunk pads to its last window

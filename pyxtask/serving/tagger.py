@@ -53,6 +53,28 @@ class _Window:
     reads: list[tuple[int, int]]  # (position in window, word index) to read predictions from
 
 
+def _length_chunks(lengths: Sequence[int], batch_size: int, max_padding: float) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into model calls: sorted by length, at most
+    ``batch_size`` a call, and a call is cut where the next (longer) window would pad it past
+    ``max_padding`` times its real sub-words."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    chunks: list[list[int]] = []
+    chunk: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]
+        if chunk and (
+            len(chunk) >= batch_size or (len(chunk) + 1) * n > (real + n) * (1.0 + max_padding)
+        ):
+            chunks.append(chunk)
+            chunk, real = [], 0
+        chunk.append(i)
+        real += n
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
 def _softmax(logits: NDArray[np.float32]) -> NDArray[np.float64]:
     x = logits.astype(np.float64)
     x -= x.max(axis=-1, keepdims=True)
@@ -201,32 +223,12 @@ class Tagger:
 
     # -- inference -------------------------------------------------------------------------------
 
-    def _chunks(self, windows: list[_Window]) -> list[list[int]]:
-        """Window indices in model calls: sorted by length, at most ``batch_size`` a call, and a
-        call is cut where the next (longer) window would pad it past ``max_padding``."""
-        order = sorted(range(len(windows)), key=lambda i: len(windows[i].ids))
-        chunks: list[list[int]] = []
-        chunk: list[int] = []
-        real = 0
-        for i in order:
-            n = len(windows[i].ids)
-            if chunk and (
-                len(chunk) >= self.batch_size
-                or (len(chunk) + 1) * n > (real + n) * (1.0 + self.max_padding)
-            ):
-                chunks.append(chunk)
-                chunk, real = [], 0
-            chunk.append(i)
-            real += n
-        if chunk:
-            chunks.append(chunk)
-        return chunks
-
     def _run(self, windows: list[_Window]) -> list[NDArray[np.float64]]:
         """Probabilities at each window's read positions, batched by length."""
         out: list[NDArray[np.float64]] = [np.empty((0, len(self.labels)))] * len(windows)
-        for chunk in self._chunks(windows):
-            longest = len(windows[chunk[-1]].ids)
+        lengths = [len(w.ids) for w in windows]
+        for chunk in _length_chunks(lengths, self.batch_size, self.max_padding):
+            longest = lengths[chunk[-1]]
             ids = np.full((len(chunk), longest), self._pad_id, dtype=np.int64)
             mask = np.zeros((len(chunk), longest), dtype=np.int64)
             for row, i in enumerate(chunk):
