@@ -113,7 +113,7 @@ def timed_together(
 
 
 def train_run(args: argparse.Namespace, work: Path) -> Path:
-    from pyxtask.train import Trainer
+    from pyxtask.trainer import Trainer
 
     run_dir = work / "run"
     if (run_dir / "summary.json").is_file():
@@ -124,7 +124,7 @@ def train_run(args: argparse.Namespace, work: Path) -> Path:
         sources=[],
         target_size=args.target_size,
         paradigm="single",
-        weighting="fixed",
+        method="fixed",
         epochs=1,
         encoder="minilm",
         device="cpu",

@@ -253,7 +253,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     import transformers  # noqa: PLC0415
 
-    from pyxtask.train import run_experiment  # noqa: PLC0415
+    from pyxtask.experiment import run_experiment  # noqa: PLC0415
 
     config = _train_config(args)
     # The run's own tqdm bars say what is happening; transformers' per-save bars are noise.

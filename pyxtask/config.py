@@ -17,13 +17,25 @@ from typing import Any, cast
 
 import tomllib
 
-__all__ = ["COMPARISONS", "ConfigError", "TAWTConfig", "TrainConfig", "load_config"]
+__all__ = [
+    "COMPARISONS",
+    "ConfigError",
+    "GradNormConfig",
+    "MGDAConfig",
+    "MetaWeightingConfig",
+    "TAWTConfig",
+    "TrainConfig",
+    "UncertaintyConfig",
+    "load_config",
+]
 
 PARADIGMS = ("single", "joint", "normalized-joint", "pretrain")
-WEIGHTINGS = ("fixed", "tawt")
 WEIGHTS_AS = ("loss", "sampling")
 EPOCHS = ("stream", "target")
-#: Baselines ``compare`` can run beside the main run, with the same data and seed.
+#: Methods that take one task's batch per step from the stream (the rest take every task's).
+STREAM_METHODS = ("fixed", "tawt")
+#: Fixed baselines ``compare`` can run beside the main run, with the same data and seed; any
+#: method name (``pyxtask.methods.method_names()``) runs that method beside it too.
 COMPARISONS = ("single", "single-steps", "joint", "normalized-joint", "pretrain")
 
 
@@ -50,6 +62,48 @@ class TAWTConfig:
 
 
 @dataclass
+class MGDAConfig:
+    """MGDA and MGDA-UB: how gradients are normalised before the min-norm solve."""
+
+    normalization: str = "none"
+
+
+@dataclass
+class MetaWeightingConfig:
+    """MetaWeighting (paper defaults: alpha 0.1 sentiment / 0.5 topics, query ratio 0.1)."""
+
+    alpha: float = 0.1
+    #: The inner step of eq. 10; the paper ties it to its BERT learning rate (2e-5).
+    eta: float = 2e-5
+    query_ratio: float = 0.1
+    #: Gradients the cross products cover: "shared" (encoder) or "all" (encoder and heads).
+    parameters: str = "shared"
+
+
+@dataclass
+class GradNormConfig:
+    alpha: float = 1.5
+    #: The task weights' own learning rate (no weight decay, no schedule).
+    lr: float = 0.025
+
+
+@dataclass
+class UncertaintyConfig:
+    #: The log variances' own learning rate (no weight decay, no schedule).
+    lr: float = 0.01
+
+
+#: The method tables of a configuration file and their dataclasses.
+SECTIONS: dict[str, type] = {
+    "tawt": TAWTConfig,
+    "mgda": MGDAConfig,
+    "metaweighting": MetaWeightingConfig,
+    "gradnorm": GradNormConfig,
+    "uncertainty": UncertaintyConfig,
+}
+
+
+@dataclass
 class TrainConfig:
     """One training run. Tasks are named ``corpus.task`` (see ``pyxtask data list``)."""
 
@@ -63,7 +117,9 @@ class TrainConfig:
     dev_size: int | None = None
     test_size: int | None = None
     paradigm: str = "normalized-joint"
-    weighting: str = "tawt"
+    #: What one optimizer step does: ``pyxtask.methods.method_names()`` (tawt, tawt-step,
+    #: fixed, equal, mgda, mgda-ub, metaweighting, gradnorm, uncertainty, or a registered one).
+    method: str = "tawt"
     #: Task weights as loss factors (the paper) or as the probability of drawing a task's batch.
     weights_as: str = "loss"
     #: An epoch is one shuffled stream of all tasks' batches, or one pass over the target.
@@ -75,6 +131,8 @@ class TrainConfig:
     #: Single-task runs only: this many optimizer steps in all (the step-matched baseline).
     total_steps: int | None = None
     batch_size: int = 32
+    #: Micro-batches per optimizer step (gradient accumulation).
+    accumulate: int = 1
     #: Batch examples of similar length (chunks of 50 batches sorted by length): far less
     #: padding, so much faster steps on CPUs; off gives the plain shuffled batches.
     group_by_length: bool = True
@@ -93,16 +151,30 @@ class TrainConfig:
     log_every: int = 10
     compare: list[str] = field(default_factory=list)
     tawt: TAWTConfig = field(default_factory=TAWTConfig)
+    mgda: MGDAConfig = field(default_factory=MGDAConfig)
+    metaweighting: MetaWeightingConfig = field(default_factory=MetaWeightingConfig)
+    gradnorm: GradNormConfig = field(default_factory=GradNormConfig)
+    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     cache: str | None = None
 
     # -- derived -------------------------------------------------------------------------------
 
     @property
-    def method(self) -> str:
-        """A short name: ``tawt-normalized-joint``, ``normalized-joint``, ``single``, …"""
+    def label(self) -> str:
+        """The run's short name: ``tawt-normalized-joint``, ``normalized-joint``, ``single``,
+        ``single-steps``, ``mgda``, ``tawt-step-joint``, …"""
         if self.paradigm == "single":
             return "single" if self.total_steps is None else "single-steps"
-        return f"tawt-{self.paradigm}" if self.weighting == "tawt" else self.paradigm
+        if self.method == "fixed":
+            return self.paradigm
+        if self.method in ("tawt", "tawt-step"):
+            return f"{self.method}-{self.paradigm}"
+        return self.method
+
+    @property
+    def all_tasks(self) -> bool:
+        """Whether the method takes every task's batch in every step."""
+        return self.method not in STREAM_METHODS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,8 +191,12 @@ class TrainConfig:
             if value not in allowed:
                 raise ConfigError(f"{key} = {value!r} is not one of {list(allowed)}")
 
+        from pyxtask.methods import method_names  # noqa: PLC0415 -- the registry is live
+
         choice("paradigm", self.paradigm, PARADIGMS)
-        choice("weighting", self.weighting, WEIGHTINGS)
+        choice("method", self.method, tuple(method_names()))
+        choice("mgda.normalization", self.mgda.normalization, ("none", "l2", "loss", "loss+"))
+        choice("metaweighting.parameters", self.metaweighting.parameters, ("shared", "all"))
         choice("weights_as", self.weights_as, WEIGHTS_AS)
         choice("epoch", self.epoch, EPOCHS)
         choice("tawt.similarity", self.tawt.similarity, ("cosine", "dot", "exact"))
@@ -132,8 +208,11 @@ class TrainConfig:
                 f"tasks must be distinct: target {self.target!r}, sources {self.sources}"
             )
         if self.paradigm == "single":
-            if self.weighting == "tawt":
-                raise ConfigError("weighting = 'tawt' needs source tasks; paradigm is 'single'")
+            if self.method != "fixed":
+                raise ConfigError(
+                    f"method = {self.method!r} needs source tasks; paradigm 'single' trains the "
+                    "target alone (method = 'fixed')"
+                )
         elif not self.sources:
             raise ConfigError(f"paradigm {self.paradigm!r} needs at least one source task")
         if self.total_steps is not None and self.paradigm != "single":
@@ -142,6 +221,23 @@ class TrainConfig:
             raise ConfigError(
                 "epoch = 'target' needs the target in the joint objective, not pretrain"
             )
+        if self.all_tasks and self.paradigm not in ("joint", "normalized-joint"):
+            raise ConfigError(
+                f"method = {self.method!r} takes every task's batch in every step; use "
+                "paradigm 'normalized-joint' or 'joint' (pretrain and single are stream methods)"
+            )
+        if self.all_tasks and self.weights_as != "loss":
+            raise ConfigError(
+                f"weights_as = 'sampling' draws one task per step; method = {self.method!r} "
+                "takes every task's batch in every step"
+            )
+        if self.method == "tawt-step" and self.tawt.similarity == "exact":
+            raise ConfigError(
+                "tawt.similarity = 'exact' solves eq. 2.7 on probe batches; method 'tawt-step' "
+                "measures 'cosine' or 'dot' from the step's own gradients"
+            )
+        if self.accumulate > 1 and self.method == "mgda-ub":
+            raise ConfigError("mgda-ub takes one batch per step: set accumulate = 1")
         if self.weights_as == "sampling" and self.tawt.update_every is not None:
             raise ConfigError(
                 "weights_as = 'sampling' applies new weights from the next epoch; "
@@ -160,6 +256,7 @@ class TrainConfig:
         bounded: tuple[tuple[str, object, int, int], ...] = (
             ("epochs", self.epochs, 1, 10_000),
             ("batch_size", self.batch_size, 1, 1 << 16),
+            ("accumulate", self.accumulate, 1, 1 << 16),
             ("eval_batch_size", self.eval_batch_size, 1, 1 << 16),
             ("max_length", self.max_length, 8, 1 << 16),
             ("checkpoint_every", self.checkpoint_every, 1, 1 << 30),
@@ -178,6 +275,12 @@ class TrainConfig:
             ("dropout", self.dropout, 0.0, 0.99),
             ("tawt.lr", self.tawt.lr, 0.0, 1e6),
             ("tawt.damping", self.tawt.damping, 0.0, 1e6),
+            ("metaweighting.alpha", self.metaweighting.alpha, 1e-12, 1e6),
+            ("metaweighting.eta", self.metaweighting.eta, 1e-12, 1e6),
+            ("metaweighting.query_ratio", self.metaweighting.query_ratio, 1e-6, 0.5),
+            ("gradnorm.alpha", self.gradnorm.alpha, 0.0, 100.0),
+            ("gradnorm.lr", self.gradnorm.lr, 1e-12, 10.0),
+            ("uncertainty.lr", self.uncertainty.lr, 1e-12, 10.0),
         )
         for name, number, lo, hi in ranges:
             if not _is_number(number) or not lo <= float(cast(float, number)) <= hi:
@@ -193,7 +296,7 @@ class TrainConfig:
         if isinstance(self.tawt.c, list) and (not self.tawt.c or self.paradigm != "pretrain"):
             raise ConfigError("tawt.c as a list (a sweep on the dev set) is for pretrain only")
         for name in self.compare:
-            choice("compare entry", name, COMPARISONS)
+            choice("compare entry", name, COMPARISONS + tuple(method_names()))
         if not isinstance(self.group_by_length, bool) or not isinstance(self.bf16, bool):
             raise ConfigError("group_by_length and bf16 must be true or false")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -233,19 +336,20 @@ def from_mapping(document: Mapping[str, Any], source: str = "config") -> TrainCo
         raise ConfigError(f"{source}: the top level must be a table of keys")
     known = _fields(TrainConfig)
     values: dict[str, Any] = {}
+    document = _legacy(document, source)
     for key, value in document.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(known)}")
-        if key == "tawt":
+        if key in SECTIONS:
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: 'tawt' must be a table")
-            tawt_known = _fields(TAWTConfig)
+                raise ConfigError(f"{source}: {key!r} must be a table")
+            section_known = _fields(SECTIONS[key])
             for k in value:
-                if k not in tawt_known:
+                if k not in section_known:
                     raise ConfigError(
-                        f"{source}: unknown key 'tawt.{k}'; known: {', '.join(tawt_known)}"
+                        f"{source}: unknown key '{key}.{k}'; known: {', '.join(section_known)}"
                     )
-            values[key] = TAWTConfig(**dict(value))
+            values[key] = SECTIONS[key](**dict(value))
         else:
             values[key] = value
     for key in ("sources", "compare"):
@@ -262,6 +366,26 @@ def from_mapping(document: Mapping[str, Any], source: str = "config") -> TrainCo
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config
+
+
+def _legacy(document: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+    """Configurations written before methods: ``weighting = "tawt" | "fixed"`` is the method."""
+    if "weighting" not in document:
+        return document
+    out = dict(document)
+    weighting = out.pop("weighting")
+    if weighting not in ("tawt", "fixed"):
+        raise ConfigError(
+            f"{source}: weighting = {weighting!r}: the key is now 'method' (e.g. method = "
+            '"tawt", "fixed", "mgda")'
+        )
+    if "method" in out and out["method"] != weighting:
+        raise ConfigError(
+            f"{source}: weighting = {weighting!r} and method = {out['method']!r} disagree; "
+            "write only method (weighting is its old name)"
+        )
+    out["method"] = weighting
+    return out
 
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:

@@ -176,9 +176,10 @@ def _test_metric(
     """The target's test metric with this variant, measured through the serving path."""
     from pyxtask.config import ConfigError, TrainConfig  # noqa: PLC0415
     from pyxtask.data.corpora import CorpusError  # noqa: PLC0415
+    from pyxtask.evaluation import metric_name  # noqa: PLC0415
     from pyxtask.metrics import sentence_scores, span_f1, token_accuracy  # noqa: PLC0415
     from pyxtask.serving.tagger import Tagger  # noqa: PLC0415
-    from pyxtask.train import TaskData, load_tasks, metric_name  # noqa: PLC0415
+    from pyxtask.tasks import TaskData, load_tasks  # noqa: PLC0415
 
     config_path = run_dir / "config.json"
     if not config_path.is_file():
@@ -188,7 +189,7 @@ def _test_metric(
     from pyxtask.config import from_mapping  # noqa: PLC0415
 
     config: TrainConfig = from_mapping(raw, source=os.fspath(config_path)).replace(
-        paradigm="single", weighting="fixed", compare=[], total_steps=None
+        paradigm="single", method="fixed", compare=[], total_steps=None
     )
     try:
         target: TaskData = load_tasks(config)[0]

@@ -171,6 +171,7 @@ class TaskGradients:
         self._previous: list[Tensor | None] = []
         self._head_grads_before: list[list[Tensor | None]] = []
         self._pending = False
+        self._measured = torch.zeros(num_tasks, dtype=torch.bool)
         self._reference: Tensor | None = None
         # Streaming state, read by the hooks while a task's backward runs.
         self._phase: int | None = None
@@ -267,6 +268,8 @@ class TaskGradients:
         losses: Sequence[Tensor | None],
         weights: Tensor | Sequence[float] | None = None,
         reference: Tensor | None = None,
+        *,
+        accumulate: bool = False,
     ) -> GradientStats:
         """Backward every task's loss once; leave ``sum_t w_t g_t`` in ``.grad``.
 
@@ -277,6 +280,10 @@ class TaskGradients:
                 omitted and given to :meth:`combine` once the statistics are known.
             reference: optional flat vector of P entries to take dot products against,
                 instead of the target's gradient.
+            accumulate: buffer mode, a later micro-batch of the same step: its gradients are
+                added to the rows of the previous ``backward`` (not yet combined), and the
+                statistics describe the sums. Streaming mode adds into ``.grad`` anyway; its
+                statistics are per call.
 
         Gradients already in ``.grad`` (accumulation over micro-batches) are kept and added to.
         """
@@ -291,13 +298,15 @@ class TaskGradients:
             if w is None:
                 raise ValueError("streaming mode needs the weights before backward")
             return self._backward_streaming(losses, w, reference)
-        stats = self._backward_buffer(losses, reference)
+        if accumulate and not self._pending:
+            raise RuntimeError("accumulate=True follows a buffer-mode backward() without weights")
+        stats = self._backward_buffer(losses, reference, accumulate)
         if w is not None:
             self.combine(w)
         return stats
 
     def _backward_buffer(
-        self, losses: Sequence[Tensor | None], reference: Tensor | None
+        self, losses: Sequence[Tensor | None], reference: Tensor | None, accumulate: bool
     ) -> GradientStats:
         T = self.num_tasks
         if self._buffer is None:
@@ -305,23 +314,29 @@ class TaskGradients:
                 T, self.num_parameters, dtype=self._dtype, device=self._device
             )
         G = self._buffer
-        self._previous = [p.grad for p in self._params]
-        # Copies: backward accumulates into an existing .grad in place.
-        self._head_grads_before = [
-            [None if p.grad is None else p.grad.clone() for p in group] for group in self._heads
-        ]
+        if not accumulate:
+            self._previous = [p.grad for p in self._params]
+            # Copies: backward accumulates into an existing .grad in place.
+            self._head_grads_before = [
+                [None if p.grad is None else p.grad.clone() for p in group] for group in self._heads
+            ]
+            self._measured = torch.zeros(T, dtype=torch.bool)
         for p in self._params:
             p.grad = None
-        measured = torch.zeros(T, dtype=torch.bool)
+        measured = self._measured
         for t in self._order():
             loss = losses[t]
             if loss is None:
-                G[t].zero_()
+                if not accumulate:
+                    G[t].zero_()
                 continue
             # Heads collect their own task's gradient unscaled here; combine() scales them.
             torch.autograd.backward(loss)
             grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self._params]
-            ops.gather_flat(grads, G[t])
+            if accumulate and bool(measured[t]):
+                G[t].add_(ops.gather_flat(grads))
+            else:
+                ops.gather_flat(grads, G[t])
             for p in self._params:
                 p.grad = None
             measured[t] = True
@@ -346,7 +361,7 @@ class TaskGradients:
             dots = ops.cross_gram(ref, G).double().cpu()[0]
             ref_sq = float(ops.gram(ref).double()[0, 0])
         self._pending = True
-        return GradientStats(sq_norms, dots, ref_sq, gram, measured)
+        return GradientStats(sq_norms, dots, ref_sq, gram, measured.clone())
 
     def combine(self, weights: Tensor | Sequence[float]) -> None:
         """Buffer mode: write ``sum_t w_t g_t`` (plus what ``.grad`` held before) into ``.grad``

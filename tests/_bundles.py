@@ -13,7 +13,8 @@ import transformers
 from pyxtask.config import TrainConfig
 from pyxtask.data import LabeledText, LabelMap, TaggedSentence
 from pyxtask.export import export_run
-from pyxtask.train import TaskData, Trainer
+from pyxtask.tasks import TaskData
+from pyxtask.trainer import Trainer
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -105,7 +106,7 @@ def train_run(run_dir: Path, kind="token", max_length=16, seed=0):
         sources=["syn.source"],
         encoder="tiny",
         paradigm="normalized-joint",
-        weighting="fixed",
+        method="fixed",
         epochs=2,
         batch_size=8,
         lr=2e-3,

@@ -3,6 +3,7 @@ torch.compile tracing through torch.library.opcheck; TorchScript; docs examples.
 
 import doctest
 import importlib
+import re
 
 import pytest
 import torch
@@ -108,6 +109,18 @@ def test_docstring_examples_run(module):
 def test_build_info_reports_the_build():
     info = pyxtask.build_info()
     assert info["torch_version"] == torch.__version__.split("+")[0]
-    assert info["cuda"] == (torch.version.cuda is not None) or info["cuda"] is False
+    # "cuda": whether the CUDA kernels were compiled in; "cuda_version": the CUDA runtime they
+    # were compiled against ("12.4"), None exactly when they were not.
+    assert isinstance(info["cuda"], bool)
+    assert (info["cuda_version"] is None) == (info["cuda"] is False)
+    if info["cuda"]:
+        assert isinstance(info["cuda_version"], str)
+        assert re.fullmatch(r"\d+\.\d+", info["cuda_version"]), info["cuda_version"]
+        assert info["cuda_arch_list"], "CUDA kernels built for no architecture"
+    if torch.version.cuda is None:  # a CPU-only torch cannot have built CUDA kernels
+        assert info["cuda"] is False
+        assert info["cuda_arch_list"] == ""
+    elif info["cuda"]:  # torch's extension builder refuses a toolkit of another major version
+        assert info["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
     assert info["openmp"] is True and info["num_threads"] >= 1
     assert info["cpu_isa"] in {"base", "avx2", "avx512", "avx512+bf16"}

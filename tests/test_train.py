@@ -21,7 +21,8 @@ from pyxtask.config import ConfigError, TAWTConfig, TrainConfig, from_mapping, l
 from pyxtask.data import LabelMap, TaggedSentence
 from pyxtask.data.tokenization import LongSequenceWarning
 from pyxtask.models import MultiTaskModel
-from pyxtask.train import TaskData, Trainer, load_tasks
+from pyxtask.tasks import TaskData, load_tasks
+from pyxtask.trainer import Trainer
 from tests._corpora import prepare_or_skip
 
 transformers.utils.logging.disable_progress_bar()
@@ -77,7 +78,7 @@ def synthetic_config(**changes):
         "sources": ["syn.helpful", "syn.noise"],
         "encoder": "tiny",
         "paradigm": "normalized-joint",
-        "weighting": "tawt",
+        "method": "tawt",
         "epochs": 2,
         "batch_size": 8,
         "eval_batch_size": 64,
@@ -173,12 +174,12 @@ torch.set_num_threads(1)
 sys.path.insert(0, {repo!r})
 import transformers
 transformers.utils.logging.disable_progress_bar()
-from pyxtask.train import Trainer
+from pyxtask.trainer import Trainer
 from tests.test_train import resume_config, synthetic_tasks
 
 run_dir, mode = sys.argv[1], sys.argv[2]
 if mode == "pause":
-    step = Trainer._train_step
+    step = Trainer._step
     calls = [0]
 
     def paused(self, *args, **kwargs):
@@ -188,7 +189,7 @@ if mode == "pause":
             time.sleep(120)  # the parent kills us here
         return step(self, *args, **kwargs)
 
-    Trainer._train_step = paused
+    Trainer._step = paused
 trainer = Trainer(
     resume_config(), run_dir, progress=False, tasks=synthetic_tasks(0, 16, 40, 16),
     keep_checkpoint=True,
@@ -262,7 +263,7 @@ def test_kill_mid_epoch_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     assert a["model"].keys() == b["model"].keys()
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), key
-    assert a["weighting"] == b["weighting"]
+    assert a["method"] == b["method"]
     assert a["best"] == b["best"]
 
     for name in ("metrics.jsonl", "weights.csv", "similarity.jsonl", "config.json"):

@@ -698,9 +698,11 @@ def test_docstring_examples_run(module):
     assert result.attempted > 0 and result.failed == 0
 
 
-@pytest.mark.parametrize("module", ["pyxtask.weighting", "pyxtask.weighting._base"])
+# pyxtask.weighting._base has no examples (its classes are shown through their subclasses):
+# a doctest run over it would attempt nothing and pass whatever the code does.
+@pytest.mark.parametrize("module", ["pyxtask.weighting"])
 def test_docstring_examples_elsewhere_pass(module):
     result = doctest.testmod(
         importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE
     )
-    assert result.failed == 0
+    assert result.attempted > 0 and result.failed == 0

@@ -3,22 +3,45 @@
 :class:`TargetOnly` (single-task), :class:`SampleSize` (joint training, ω ∝ n_t),
 :class:`Uniform` (normalized joint training, ω = 1/T) and :class:`TAWT` (target-aware weighted
 training for the pre-training, joint and normalized-joint paradigms).
+
+Weightings from other papers: :class:`MGDA` (min-norm weights of the task gradients, a
+:class:`GramWeighting`: T weights from the T x T Gram matrix of the task gradients),
+:class:`MetaWeighting` (multi-objective hypergradient descent on the weights),
+:class:`GradNorm` (weights that balance the tasks' gradient norms) and :class:`Uncertainty`
+(learnt homoscedastic-uncertainty weights).
+
+>>> import torch
+>>> from pyxtask.weighting import MGDA, SampleSize
+>>> [round(x, 3) for x in SampleSize([100, 300]).omega.tolist()]
+[0.25, 0.75]
+>>> MGDA()(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # two orthogonal unit gradients
+tensor([0.5000, 0.5000], dtype=torch.float64)
 """
 
 from pyxtask.weighting._base import PARADIGMS, Paradigm, Weighting
+from pyxtask.weighting._gram import GramWeighting
+from pyxtask.weighting.gradnorm import GradNorm
+from pyxtask.weighting.metaweighting import MetaWeighting
+from pyxtask.weighting.mgda import MGDA
 from pyxtask.weighting.sample_size import SampleSize
 from pyxtask.weighting.target_only import TargetOnly
 from pyxtask.weighting.tawt import SIMILARITIES, TAWT, Similarity, exact_reference
+from pyxtask.weighting.uncertainty import Uncertainty
 from pyxtask.weighting.uniform import Uniform
 
 __all__ = [
+    "MGDA",
     "PARADIGMS",
     "SIMILARITIES",
     "TAWT",
+    "GradNorm",
+    "GramWeighting",
+    "MetaWeighting",
     "Paradigm",
     "SampleSize",
     "Similarity",
     "TargetOnly",
+    "Uncertainty",
     "Uniform",
     "Weighting",
     "exact_reference",

@@ -154,7 +154,8 @@ class Weighting:
             )
         self._w = w
         self.updates = int(state["updates"])
-        self.trajectory = copy.deepcopy(list(state["trajectory"]))
+        # A trainer keeps the trajectory in the run's files, not in every checkpoint.
+        self.trajectory = copy.deepcopy(list(state.get("trajectory", [])))
 
     def __repr__(self) -> str:
         omega = ", ".join(f"{x:.4g}" for x in self.omega.tolist())

@@ -1,0 +1,138 @@
+"""Experiments: a run, the baselines beside it, and TAWT's pre-training sweep over c."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyxtask import checkpoint
+from pyxtask.config import COMPARISONS, STREAM_METHODS, TrainConfig
+from pyxtask.tasks import TaskData, load_tasks
+from pyxtask.trainer import Trainer
+
+__all__ = ["RunResult", "run_experiment", "run_single"]
+
+_SUMMARY = "summary.json"
+
+
+@dataclass
+class RunResult:
+    """The main run's summary and those of the baselines run beside it."""
+
+    main: dict[str, Any]
+    baselines: dict[str, dict[str, Any]]
+
+    def table(self) -> str:
+        """The runs side by side, ending with the main run's test gain over each baseline."""
+        rows = [self.main, *self.baselines.values()]
+        metric = self.main["metric"]
+        lines = [f"target {self.main['target']}, {metric} in %:"]
+        for row in rows:
+            lines.append(
+                f"  {row['method']:<24} dev {100 * row['dev']:6.2f}  test {100 * row['test']:6.2f}"
+                f"  ({row['steps']} steps, {row['target_examples_seen']} target examples seen, "
+                f"{row['train_examples'][row['target']]} target sentences)"
+            )
+        if self.baselines:
+            gains = ", ".join(
+                f"{100 * (self.main['test'] - row['test']):+.2f} vs {row['method']}"
+                for row in self.baselines.values()
+            )
+            lines.append(f"{self.main['method']} test {metric}: {gains} points")
+        return "\n".join(lines)
+
+
+def _baseline_config(config: TrainConfig, name: str, steps: int) -> TrainConfig:
+    """The configuration of the ``compare`` entry ``name``: a fixed baseline or a method."""
+    if name == "single":
+        return config.replace(paradigm="single", method="fixed", compare=[])
+    if name == "single-steps":
+        return config.replace(paradigm="single", method="fixed", total_steps=steps, compare=[])
+    if name in COMPARISONS:
+        return config.replace(
+            paradigm=name,
+            method="fixed",
+            compare=[],
+            epoch=config.epoch if name != "pretrain" else "stream",
+        )
+    joint = config.paradigm in ("joint", "normalized-joint")
+    all_tasks = name not in STREAM_METHODS
+    return config.replace(
+        method=name,
+        compare=[],
+        paradigm=config.paradigm if joint or not all_tasks else "normalized-joint",
+        weights_as="loss" if all_tasks else config.weights_as,
+    )
+
+
+def run_single(
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    tasks: list[TaskData],
+    keep_checkpoint: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """One configuration; the pre-training sweep over c keeps the best on the target dev set."""
+    cs = config.c_values() if config.method == "tawt" else [1.0]
+    if len(cs) == 1:
+        return Trainer(
+            config,
+            run_dir,
+            c=cs[0],
+            progress=progress,
+            tasks=tasks,
+            keep_checkpoint=keep_checkpoint,
+        ).fit(resume)
+    results = []
+    for c in cs:
+        log(f"{config.label}: c = {c:g}")
+        sub = Trainer(
+            config,
+            run_dir / f"c={c:g}",
+            c=c,
+            progress=progress,
+            tasks=tasks,
+            keep_checkpoint=keep_checkpoint,
+        )
+        results.append(sub.fit(resume))
+    best = max(results, key=lambda r: r["dev"])
+    summary = dict(
+        best, sweep={f"{r['c']:g}": {"dev": r["dev"], "test": r["test"]} for r in results}
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_text(run_dir / _SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_experiment(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """The main run in ``config.output``, each ``compare`` baseline in ``output/compare/NAME``."""
+    config.validate()
+    out = Path(config.output)
+    tasks = load_tasks(config)
+    log(
+        f"{config.label}: target {config.target} ({len(tasks[0].train)} sentences), sources "
+        + ", ".join(f"{t.name} ({len(t.train)})" for t in tasks[1:])
+    )
+    main = run_single(config, out, resume=resume, progress=progress, tasks=tasks, log=log)
+    baselines: dict[str, dict[str, Any]] = {}
+    for name in config.compare:
+        sub = _baseline_config(config, name, int(main["steps"]))
+        log(f"baseline {sub.label}")
+        baselines[name] = run_single(
+            sub, out / "compare" / name, resume=resume, progress=progress, tasks=tasks, log=log
+        )
+    result = RunResult(main, baselines)
+    checkpoint.write_text(out / "comparison.txt", result.table() + "\n")
+    return result

@@ -1,0 +1,133 @@
+"""Training methods: what one optimizer step does. One module each; the trainer names none.
+
+========================  =====================================================================
+``fixed``                 the stream of all tasks' batches with fixed weights: single-task,
+                          joint (ω ∝ n_t), normalized joint (ω = 1/T), pre-training
+``tawt``                  TAWT as its authors ran it: the stream, ω from probe gradients once
+                          per epoch (or every ``tawt.update_every`` steps)
+``tawt-step``             TAWT per step: every task's batch per step, ω from the step's own
+                          streaming statistics every ``tawt.update_every`` steps
+``equal``                 every task's batch per step, each loss counting once
+``mgda`` / ``mgda-ub``    min-norm weights from the encoder's Gram / the representation's
+``metaweighting``         weights from held-out query losses (Mao et al., Alg. 1)
+``gradnorm``              learnable weights balancing gradient norms (Chen et al. 2018)
+``uncertainty``           learnable log variances (Kendall et al. 2018)
+========================  =====================================================================
+
+A new method is a :class:`Method` subclass registered with :func:`register_method`; then
+``pyxtask train --method NAME`` and configuration files select it (see ``docs/``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from pyxtask.methods._base import Method, Sampling, Step, StepContext, backward_all, shares
+from pyxtask.methods.fixed import EqualMethod, StreamMethod
+from pyxtask.methods.gradnorm import GradNormMethod
+from pyxtask.methods.metaweighting import MetaWeightingMethod
+from pyxtask.methods.mgda import MGDAMethod, MGDAUBMethod
+from pyxtask.methods.tawt import TAWTMethod, TAWTStepMethod
+from pyxtask.methods.uncertainty import UncertaintyMethod
+from pyxtask.weighting import TAWT, SampleSize, TargetOnly, Uniform, Weighting
+
+if TYPE_CHECKING:
+    from pyxtask.config import TrainConfig
+
+__all__ = [
+    "EqualMethod",
+    "GradNormMethod",
+    "MGDAMethod",
+    "MGDAUBMethod",
+    "MetaWeightingMethod",
+    "Method",
+    "MethodFactory",
+    "Sampling",
+    "Step",
+    "StepContext",
+    "StreamMethod",
+    "TAWTMethod",
+    "TAWTStepMethod",
+    "UncertaintyMethod",
+    "backward_all",
+    "make_method",
+    "method_names",
+    "register_method",
+    "shares",
+]
+
+#: Builds a method from a run's configuration and TAWT's constant c for that run.
+MethodFactory = Callable[["TrainConfig", float], Method]
+
+
+def fixed_weighting(config: TrainConfig) -> Callable[[Sequence[int]], Weighting]:
+    """The fixed weighting of the config's paradigm."""
+    if config.paradigm == "single":
+        return TargetOnly
+    if config.paradigm == "normalized-joint":
+        return Uniform
+    return lambda sizes: SampleSize(sizes, cast(Any, config.paradigm))
+
+
+def _tawt(config: TrainConfig, c: float, sizes: Sequence[int], lr: float) -> TAWT:
+    t = config.tawt
+    return TAWT(
+        sizes,
+        cast(Any, config.paradigm),
+        similarity=cast(Any, t.similarity),
+        c=c,
+        lr=lr,
+        probe_size=t.probe_size,
+        update_every=t.update_every,
+        damping=t.damping,
+        cg_max_iter=t.cg_max_iter,
+    )
+
+
+_REGISTRY: dict[str, MethodFactory] = {
+    "fixed": lambda config, c: StreamMethod(fixed_weighting(config), config.weights_as),
+    "tawt": lambda config, c: TAWTMethod(
+        lambda sizes: _tawt(config, c, sizes, config.tawt.lr),
+        config.weights_as,
+        gradients=cast(Any, config.tawt.gradients),
+    ),
+    "tawt-step": lambda config, c: TAWTStepMethod(
+        lambda sizes, lr: _tawt(config, c, sizes, lr),
+        lr=config.tawt.lr,
+        update_every=config.tawt.update_every or 1,
+    ),
+    "equal": lambda config, c: EqualMethod(),
+    "mgda": lambda config, c: MGDAMethod(config.mgda.normalization),
+    "mgda-ub": lambda config, c: MGDAUBMethod(config.mgda.normalization),
+    "metaweighting": lambda config, c: MetaWeightingMethod(
+        alpha=config.metaweighting.alpha,
+        eta=config.metaweighting.eta,
+        query_ratio=config.metaweighting.query_ratio,
+        parameters=config.metaweighting.parameters,
+    ),
+    "gradnorm": lambda config, c: GradNormMethod(
+        alpha=config.gradnorm.alpha, lr=config.gradnorm.lr
+    ),
+    "uncertainty": lambda config, c: UncertaintyMethod(lr=config.uncertainty.lr),
+}
+
+
+def register_method(name: str, factory: MethodFactory, *, replace: bool = False) -> None:
+    """Make ``factory`` selectable as ``method = name`` (``pyxtask train --method name``)."""
+    if not name or not isinstance(name, str):
+        raise ValueError(f"a method name must be a non-empty string, got {name!r}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"method {name!r} is already registered (pass replace=True)")
+    _REGISTRY[name] = factory
+
+
+def method_names() -> list[str]:
+    """Every selectable method, built-in and registered."""
+    return list(_REGISTRY)
+
+
+def make_method(config: TrainConfig, c: float = 1.0) -> Method:
+    """The method ``config.method`` names (``fixed`` for the single-task paradigm)."""
+    name = "fixed" if config.paradigm == "single" else config.method
+    return _REGISTRY[name](config, c)

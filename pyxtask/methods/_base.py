@@ -1,0 +1,375 @@
+"""The extension point: what a method is, and the context the trainer gives it.
+
+A *method* says what one optimizer step does. It declares
+
+- how the trainer samples (:attr:`Method.sampling`): ``"one"`` task's batch per step from the
+  shuffled stream of all tasks' batches (the papers' joint training), ``"all"`` tasks' batches
+  in every step, or ``"shared"``: one batch of examples that every task labels (one encoder
+  pass serves all heads);
+- the parameters it owns (:meth:`Method.parameters`: log variances, GradNorm weights, …), which
+  the trainer puts into the optimizer as their own group (:attr:`Method.lr`, no weight decay,
+  no schedule) and into every checkpoint;
+- what a step does (:meth:`Method.step`): it computes the losses through the
+  :class:`StepContext` and leaves the combined gradient in the parameters' ``.grad``;
+- what happens after the optimizer has moved the parameters (:meth:`Method.after_update`) and
+  at the end of an epoch (:meth:`Method.epoch_end`).
+
+The trainer then clips, steps the optimizer and the schedule, logs and checkpoints. It never
+names a method. Weights a method learns are written with :meth:`StepContext.record_weights`
+(``weights.csv``); records for ``metrics.jsonl`` with :meth:`StepContext.log`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pyxtask.data import LabelMap, collate
+from pyxtask.data.tokenization import Encoded
+from pyxtask.evaluation import autocast
+from pyxtask.gradients import GradientStats, Mode, TaskGradients
+from pyxtask.models import MultiTaskModel
+from pyxtask.tasks import TaskData
+
+__all__ = ["Method", "Sampling", "Step", "StepContext"]
+
+Sampling = Literal["one", "all", "shared"]
+#: One step's batches: ``(task, example indices)`` pairs, tasks numbered as in the run.
+Step = list[tuple[int, list[int]]]
+
+
+class StepContext:
+    """What a method may use: the model, the tasks' data, losses, per-task gradients, logs.
+
+    Built by the trainer; a method never sees files, ranks or the optimizer. Task ``0`` is
+    the target. ``phase_step`` (optimizer steps done in this phase), ``global_step`` and
+    ``epoch`` are kept current by the trainer.
+    """
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        tasks: Sequence[TaskData],
+        encoded: Sequence[Sequence[Encoded]],
+        *,
+        device: torch.device,
+        bf16: bool = False,
+        seed: int = 0,
+        batch_size: int = 32,
+        heldout: Sequence[Sequence[Encoded]] | None = None,
+        log: Callable[[str, dict[str, Any] | str], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.tasks = list(tasks)
+        self.encoded = [list(items) for items in encoded]
+        self.heldout = None if heldout is None else [list(items) for items in heldout]
+        self.device = device
+        self.bf16 = bf16
+        self.seed = seed
+        self.batch_size = batch_size
+        self.pad = int(model.tokenizer.pad_token_id) if model.tokenizer is not None else 0
+        self._log = log
+        self.phase_tasks: list[int] = list(range(len(self.tasks)))
+        self.phase_step = 0
+        self.global_step = 0
+        self.epoch = 0
+        #: Optimizer steps per epoch of the current phase (for methods that pace themselves).
+        self.steps_per_epoch = 1
+        self._aligned: list[tuple[int, ...]] | None = None
+
+    # -- tasks and parameters -------------------------------------------------------------------
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def sizes(self) -> list[int]:
+        """Training items per task (the support part when a method holds some out)."""
+        return [len(items) for items in self.encoded]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.shared_parameters() if p.requires_grad]
+
+    def head_parameters(self, t: int) -> list[nn.Parameter]:
+        return [p for p in self.model.task_parameters(self.tasks[t].head) if p.requires_grad]
+
+    def task_gradients(self, mode: Mode, parameters: str = "shared") -> TaskGradients:
+        """Per-task gradients of the shared encoder (heads scaled by their task's weight), or
+        with ``parameters="all"`` of every parameter, heads included, as one flat row."""
+        names = self.task_names
+        if parameters == "all":
+            every = self.shared_parameters() + [
+                p for t in range(self.num_tasks) for p in self.head_parameters(t)
+            ]
+            return TaskGradients(every, self.num_tasks, mode=mode, task_names=names)
+        heads = [self.head_parameters(t) for t in range(self.num_tasks)]
+        return TaskGradients(
+            self.shared_parameters(), self.num_tasks, mode=mode, task_parameters=heads,
+            task_names=names,
+        )  # fmt: skip
+
+    # -- losses --------------------------------------------------------------------------------
+
+    def batch_loss(
+        self,
+        t: int,
+        indices: Sequence[int],
+        *,
+        items: Sequence[Encoded] | None = None,
+        per_sample: bool = False,
+        params: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Task ``t``'s mean loss on its training items ``indices`` (fp32).
+
+        ``items`` picks from another list (held-out items); ``per_sample=True`` gives one loss
+        per item (a token item's mean over its labelled words); ``params`` evaluates the model
+        at other parameter values (``torch.func.functional_call``: lookaheads).
+        """
+        source = self.encoded[t] if items is None else items
+        batch = collate([source[i] for i in indices], self.pad)
+        head = self.tasks[t].head
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        with autocast(self.device, self.bf16):
+            if params is None and not per_sample:
+                return cast(Tensor, self.model(head, ids, mask, labels).loss).float()
+            args = (head, ids, mask, None if per_sample else labels)
+            if params is None:
+                out = self.model(*args)
+            else:
+                out = torch.func.functional_call(self.model, params, args)
+        if not per_sample:
+            return cast(Tensor, out.loss).float()
+        return _per_item_loss(out.logits.float(), labels)
+
+    def step_losses(self, step: Step) -> list[Tensor | None]:
+        """One loss per task of the run (None for a task without a batch in ``step``)."""
+        losses: list[Tensor | None] = [None] * self.num_tasks
+        for t, indices in step:
+            losses[t] = self.batch_loss(t, indices)
+        return losses
+
+    def probe_losses(self, tasks: Sequence[int], size: int, seed: int) -> list[Tensor | None]:
+        """One random ``size``-item batch per task in ``tasks`` (seeded; None elsewhere)."""
+        g = torch.Generator().manual_seed(seed)
+        wanted = set(tasks)
+        losses: list[Tensor | None] = []
+        for t, items in enumerate(self.encoded):
+            if t not in wanted:
+                losses.append(None)
+                continue
+            k = min(size, len(items))
+            idx = torch.randperm(len(items), generator=g)[:k].tolist()
+            losses.append(self.batch_loss(t, idx))
+        return losses
+
+    def heldout_losses(self, tasks: Sequence[int], size: int, seed: int) -> list[Tensor | None]:
+        """Like :meth:`probe_losses`, on the items the method held out (its query sets)."""
+        if self.heldout is None:
+            raise RuntimeError("this run holds no examples out (the method's holdout is 0)")
+        g = torch.Generator().manual_seed(seed)
+        losses: list[Tensor | None] = [None] * self.num_tasks
+        for t in tasks:
+            items = self.heldout[t]
+            idx = torch.randperm(len(items), generator=g)[: min(size, len(items))].tolist()
+            losses[t] = self.batch_loss(t, idx, items=items)
+        return losses
+
+    def aligned(self) -> list[tuple[int, ...]]:
+        """For every target item whose input every task also labels: each task's item index.
+
+        Tasks layered on one corpus (Brown's POS, universal tags and genre; the Turkish
+        treebank's layers) label the same sentences; a target item is kept when every task has
+        an item with the same sub-word ids.
+        """
+        if self._aligned is None:
+            from pyxtask.config import ConfigError  # noqa: PLC0415
+
+            index = [
+                {tuple(it.input_ids): i for i, it in enumerate(items)} for items in self.encoded
+            ]
+            rows = []
+            for item in self.encoded[0]:
+                key = tuple(item.input_ids)
+                found = [index[t].get(key) for t in range(self.num_tasks)]
+                if all(j is not None for j in found):
+                    rows.append(tuple(cast(list[int], found)))
+            if len(rows) < max(1, len(self.encoded[0]) // 2):
+                missing = [
+                    self.tasks[t].name
+                    for t in range(1, self.num_tasks)
+                    if sum(tuple(it.input_ids) in index[t] for it in self.encoded[0])
+                    < len(self.encoded[0]) // 2
+                ]
+                raise ConfigError(
+                    f"these tasks do not label the target's inputs: {', '.join(missing)} "
+                    f"({len(rows)} of {len(self.encoded[0])} target items are shared); a "
+                    "shared-input method needs tasks annotated on the same sentences (e.g. "
+                    "target brown.upos with sources brown.pos, brown.genre)"
+                )
+            self._aligned = rows
+        return self._aligned
+
+    @staticmethod
+    def check_loss(name: str, value: float, step: int) -> None:
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"the training loss of {name} is {value} at step {step}; lower lr or check the data"
+            )
+
+    # -- logs ----------------------------------------------------------------------------------
+
+    def log(self, record: dict[str, Any], file: str = "metrics.jsonl") -> None:
+        """Append a JSON record to one of the run's logs (``metrics.jsonl`` by default)."""
+        if self._log is not None:
+            self._log(file, record)
+
+    def record_weights(self, update: int, w: Tensor, omega: Tensor) -> None:
+        """A row of ``weights.csv``: ``w`` the loss factors, ``omega`` each task's share."""
+        if self._log is None:
+            return
+        values = [str(update), str(self.epoch), str(self.global_step)]
+        values += [f"{float(x):.10g}" for x in w] + [f"{float(x):.10g}" for x in omega]
+        self._log("weights.csv", ",".join(values))
+
+
+def _per_item_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    if labels.dim() == 1:  # sentence task
+        return F.cross_entropy(logits, labels, reduction="none")
+    ignore = LabelMap.ignore_index
+    flat = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore,
+        reduction="none",
+    ).reshape(labels.shape)  # fmt: skip
+    counts = (labels != ignore).sum(dim=1).clamp(min=1)
+    return flat.sum(dim=1) / counts
+
+
+class Method:
+    """Base class of the training methods (see the module docs); override what differs.
+
+    Subclasses set :attr:`name`, :attr:`sampling`, and implement :meth:`step`. A method that
+    learns weights sets :attr:`adaptive`, records each update with
+    :meth:`StepContext.record_weights` and counts them in :attr:`updates`.
+    """
+
+    name: ClassVar[str] = "method"
+    sampling: ClassVar[Sampling] = "one"
+    #: Its weights change during training (every update is a row of ``weights.csv``).
+    adaptive: ClassVar[bool] = False
+    #: Fraction of each task's training examples held out from training (query sets).
+    holdout: float = 0.0
+    #: Learning rate of :meth:`parameters` (their own optimizer group).
+    lr: float = 1e-2
+
+    def __init__(self) -> None:
+        self.updates = 0
+
+    def bind(self, ctx: StepContext) -> None:
+        """Called once the data is known (task sizes), before training or resuming."""
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Parameters the method learns with the optimizer (default: none)."""
+        return []
+
+    def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
+        """Leave one optimizer step's gradient in ``.grad``; return the tasks' mean losses.
+
+        ``micro_batches`` holds one sampler step per micro-batch (gradient accumulation).
+        """
+        raise NotImplementedError
+
+    def after_update(self, ctx: StepContext) -> None:
+        """After the optimizer step (parameters at their new values, ``.grad`` cleared)."""
+
+    def epoch_end(self, ctx: StepContext, epoch: int) -> None:
+        """After an epoch's last step, before the dev evaluation."""
+
+    def close(self) -> None:
+        """Release what the method holds on the model (the hooks of its TaskGradients)."""
+        for value in vars(self).values():
+            if isinstance(value, TaskGradients):
+                value.close()
+
+    def task_probabilities(self) -> list[float] | None:
+        """``sampling="one"``: draw a task's batch with these probabilities (None: the
+        natural stream of every task's batches)."""
+        return None
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """``(w, omega)``: the loss factors a step applies and each task's share of the
+        objective (float64). Default: every task's loss counts once."""
+        raise NotImplementedError
+
+    def record(self, ctx: StepContext) -> None:
+        """Write the current weights as a row of ``weights.csv``."""
+        w, omega = self.weights()
+        ctx.record_weights(self.updates, w, omega)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``summary.json`` reports about the method."""
+        w, omega = self.weights()
+        return {"w": w.tolist(), "omega": omega.tolist(), "weight_updates": self.updates}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "updates": self.updates,
+            "parameters": [p.detach().clone() for p in self.parameters()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"the state is for method {state.get('name')!r}, not {self.name!r}")
+        self.updates = int(state["updates"])
+        with torch.no_grad():
+            for p, saved in zip(self.parameters(), state["parameters"], strict=True):
+                p.copy_(saved)
+
+
+def shares(w: Tensor) -> Tensor:
+    """``w / sum(w)`` in float64 (each task's share when every task has a batch per step)."""
+    w = w.detach().to(torch.float64).cpu()
+    total = float(w.sum())
+    return w / total if total != 0 else w
+
+
+def backward_all(
+    ctx: StepContext,
+    micro_batches: list[Step],
+    grads: TaskGradients | None,
+    weights: Sequence[float] | None,
+) -> tuple[list[GradientStats], dict[int, float]]:
+    """Every task's loss of every micro-batch backwarded once (divided by the number of
+    micro-batches, so ``.grad`` is their mean); through ``grads`` when given, else as one
+    plain backward of ``sum_t w_t L_t``. Returns each micro-batch's statistics and the
+    tasks' mean losses."""
+    m = len(micro_batches)
+    stats: list[GradientStats] = []
+    totals: dict[int, float] = {}
+    for j, step in enumerate(micro_batches):
+        losses = ctx.step_losses(step)
+        for t, loss in enumerate(losses):
+            if loss is not None:
+                value = float(loss.detach())
+                ctx.check_loss(ctx.tasks[t].name, value, ctx.global_step + 1)
+                totals[t] = totals.get(t, 0.0) + value / m
+        scaled = [None if loss is None else loss / m if m > 1 else loss for loss in losses]
+        if grads is None:
+            w = [1.0] * len(losses) if weights is None else list(weights)
+            total = sum(w[t] * loss for t, loss in enumerate(scaled) if loss is not None)
+            torch.autograd.backward(cast(Tensor, total))
+        else:
+            stats.append(grads.backward(scaled, weights, accumulate=j > 0))
+    return stats, totals

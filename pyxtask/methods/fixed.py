@@ -1,0 +1,117 @@
+"""Fixed task weights: single-task, joint and normalized joint training, in two step shapes.
+
+:class:`StreamMethod` is the papers' protocol: every task's batches in one shuffled stream,
+one batch per optimizer step, its loss multiplied by the weighting's factor ``K * w_t`` (or,
+with ``weights_as="sampling"``, the task drawn with probability ω_t and factor 1). Which
+weights is a :class:`~pyxtask.weighting.Weighting`: :class:`~pyxtask.weighting.TargetOnly`,
+:class:`~pyxtask.weighting.SampleSize` (joint: ω ∝ n_t) or :class:`~pyxtask.weighting.Uniform`
+(normalized joint: ω = 1/T). TAWT's probe protocol extends it (:mod:`pyxtask.methods.tawt`).
+
+:class:`EqualMethod` is the all-tasks step with every task's batch loss counting once: the
+plain summed-loss step that every per-step method is measured against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, cast
+
+import torch
+from torch import Tensor
+
+from pyxtask.methods._base import Method, Sampling, Step, StepContext, backward_all, shares
+from pyxtask.weighting import Weighting
+
+__all__ = ["EqualMethod", "StreamMethod"]
+
+
+class StreamMethod(Method):
+    """One task's batch per step from the stream, weighted by a fixed :class:`Weighting`.
+
+    Args:
+        make_weighting: builds the weighting from the tasks' training sizes.
+        weights_as: ``"loss"`` (factors ``K * w_t``, the paper) or ``"sampling"`` (draw a
+            task's batch with probability ω_t, factor 1).
+    """
+
+    name: ClassVar[str] = "fixed"
+    sampling: ClassVar[Sampling] = "one"
+
+    def __init__(
+        self, make_weighting: Callable[[Sequence[int]], Weighting], weights_as: str = "loss"
+    ) -> None:
+        super().__init__()
+        if weights_as not in ("loss", "sampling"):
+            raise ValueError(f"weights_as must be 'loss' or 'sampling', got {weights_as!r}")
+        self.make_weighting = make_weighting
+        self.weights_as = weights_as
+        self._weighting: Weighting | None = None
+
+    @property
+    def weighting(self) -> Weighting:
+        if self._weighting is None:
+            raise RuntimeError(f"{self.name}: bind() the method to a context first")
+        return self._weighting
+
+    @property
+    def updates(self) -> int:
+        return 0 if self._weighting is None else self._weighting.updates
+
+    @updates.setter
+    def updates(self, value: int) -> None:
+        pass  # the weighting counts its own updates
+
+    def bind(self, ctx: StepContext) -> None:
+        self._weighting = self.make_weighting(ctx.sizes)
+
+    def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
+        m = len(micro_batches)
+        sums: dict[int, list[float]] = {}
+        for step in micro_batches:
+            ((t, indices),) = step
+            factor = 1.0
+            if self.weights_as == "loss":
+                factor = float(self.weighting.loss_factors()[t])
+            loss = ctx.batch_loss(t, indices)
+            value = float(loss.detach())
+            ctx.check_loss(ctx.tasks[t].name, value, ctx.global_step + 1)
+            torch.autograd.backward(loss * factor if m == 1 else loss * (factor / m))
+            acc = sums.setdefault(t, [0.0, 0.0])
+            acc[0] += value
+            acc[1] += 1
+        return {t: total / count for t, (total, count) in sums.items()}
+
+    def task_probabilities(self) -> list[float] | None:
+        if self.weights_as != "sampling":
+            return None
+        return [float(x) for x in self.weighting.omega]
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        return self.weighting.w, self.weighting.omega
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.weighting.state_dict()
+        state.pop("trajectory", None)
+        return {"name": self.name, "weighting": state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"the state is for method {state.get('name')!r}, not {self.name!r}")
+        self.weighting.load_state_dict(cast(dict[str, Any], state["weighting"]))
+
+
+class EqualMethod(Method):
+    """Every task's batch in every step, each task's mean loss counting once (ω = 1/T)."""
+
+    name: ClassVar[str] = "equal"
+    sampling: ClassVar[Sampling] = "all"
+
+    def bind(self, ctx: StepContext) -> None:
+        self.num_tasks = ctx.num_tasks
+
+    def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
+        return backward_all(ctx, micro_batches, None, None)[1]
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        w = torch.ones(self.num_tasks, dtype=torch.float64)
+        return w, shares(w)

@@ -1,0 +1,62 @@
+"""Uncertainty weighting (Kendall, Gal & Cipolla 2018), the classification form.
+
+Every task's batch in every step; the objective is ``sum_t exp(-s_t) L_t + s_t / 2`` with
+learnable ``s_t = log sigma_t^2`` (:class:`~pyxtask.weighting.Uncertainty`), so one plain
+backward gives the model ``sum_t exp(-s_t) grad L_t`` and ``s`` its own gradient; the
+optimizer moves ``s`` in its own group (``lr``; at the encoder's 5e-5 it would barely move).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from pyxtask.methods._base import Method, Sampling, Step, StepContext, shares
+from pyxtask.weighting import Uncertainty
+
+__all__ = ["UncertaintyMethod"]
+
+
+class UncertaintyMethod(Method):
+    """Learnable log variances; ``lr`` is their learning rate."""
+
+    name: ClassVar[str] = "uncertainty"
+    sampling: ClassVar[Sampling] = "all"
+    adaptive: ClassVar[bool] = True
+
+    def __init__(self, *, lr: float = 0.01) -> None:
+        super().__init__()
+        self.lr = float(lr)
+        self.uncertainty: Uncertainty | None = None
+
+    def bind(self, ctx: StepContext) -> None:
+        self.uncertainty = Uncertainty(ctx.num_tasks, dtype=torch.float64).to(ctx.device)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [] if self.uncertainty is None else list(self.uncertainty.parameters())
+
+    def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
+        assert self.uncertainty is not None
+        m = len(micro_batches)
+        totals: dict[int, float] = {}
+        for step in micro_batches:
+            losses = ctx.step_losses(step)
+            for t, loss in enumerate(losses):
+                if loss is not None:
+                    value = float(loss.detach())
+                    ctx.check_loss(ctx.tasks[t].name, value, ctx.global_step + 1)
+                    totals[t] = totals.get(t, 0.0) + value / m
+            stacked = torch.stack([loss.double() for loss in losses if loss is not None])
+            (self.uncertainty(stacked) / m).backward()
+        return totals
+
+    def after_update(self, ctx: StepContext) -> None:
+        self.updates += 1
+        self.record(ctx)
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        assert self.uncertainty is not None
+        w = self.uncertainty.weights().cpu()
+        return w, shares(w)

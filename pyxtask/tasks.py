@@ -1,0 +1,150 @@
+"""The tasks of a run: the target (with dev and test) and the sources, and the model for them.
+
+A task is named ``corpus.task`` (``pyxtask data list``); :func:`load_tasks` reads the named
+corpora, :func:`build_model` builds the shared encoder with one head per task.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from pyxtask import checkpoint
+from pyxtask.config import ConfigError, TrainConfig
+from pyxtask.data import LabeledText, LabelMap, TaggedSentence, corpora
+from pyxtask.models import MultiTaskModel
+
+__all__ = ["Example", "TaskData", "build_model", "load_tasks"]
+
+Example = TaggedSentence | LabeledText
+
+
+@dataclass
+class TaskData:
+    """One task's examples: ``name`` is ``corpus.task``; only the target needs dev and test."""
+
+    name: str
+    kind: str
+    labels: LabelMap
+    train: list[Example]
+    dev: list[Example] = field(default_factory=list)
+    test: list[Example] = field(default_factory=list)
+
+    @property
+    def head(self) -> str:
+        """The model's head name (heads cannot contain dots)."""
+        return self.name.replace(".", "__")
+
+
+def _labels_of(examples: Sequence[Example]) -> list[str | tuple[str, ...]]:
+    return [e.tags if isinstance(e, TaggedSentence) else e.label for e in examples]
+
+
+def load_tasks(config: TrainConfig) -> list[TaskData]:
+    """The target (with dev and test) and the sources, from the named corpora."""
+    tasks: list[TaskData] = []
+    names = [config.target] + ([] if config.paradigm == "single" else config.sources)
+    for i, name in enumerate(names):
+        corpus_name, task = name.split(".")
+        try:
+            corpus = corpora.get_corpus(corpus_name)
+        except corpora.CorpusError as exc:
+            raise ConfigError(f"task {name!r}: {exc}") from None
+        if task not in corpus.tasks:
+            raise ConfigError(
+                f"task {name!r}: corpus {corpus_name!r} has no task {task!r}; its tasks: "
+                f"{', '.join(corpus.tasks)}"
+            )
+        size = config.target_size if i == 0 else config.source_size
+        train: list[Example] = list(
+            corpora.load(corpus_name, task, "train", size, config.seed, cache=config.cache)
+        )
+        dev: list[Example] = []
+        test: list[Example] = []
+        if i == 0:
+            dev = list(
+                corpora.load(corpus_name, task, "dev", config.dev_size, 0, cache=config.cache)
+            )
+            test = list(
+                corpora.load(corpus_name, task, "test", config.test_size, 0, cache=config.cache)
+            )
+        if size is not None and len(train) < size:
+            raise ConfigError(
+                f"{'target_size' if i == 0 else 'source_size'} = {size} but {name!r} has only "
+                f"{len(train)} training sentences"
+            )
+        kind = corpus.tasks[task]
+        labels = LabelMap.from_corpus(
+            _labels_of(train + dev + test), name=name.replace(".", "__"), kind=kind
+        )
+        tasks.append(TaskData(name, kind, labels, train, dev, test))
+    return tasks
+
+
+def _tiny_vocabulary(tasks: Sequence[TaskData], size: int = 4000) -> list[str]:
+    """A WordPiece vocabulary: specials, every character (also as ``##c``), frequent words.
+
+    Built by counting, not with ``tokenizers``' WordPiece trainer, whose result changes from
+    run to run (hash-map order decides its ties), which would make runs irreproducible.
+    """
+    from tokenizers import normalizers, pre_tokenizers  # noqa: PLC0415
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for task in tasks:
+        for e in task.train:
+            text = " ".join(e.words) if isinstance(e, TaggedSentence) else e.text
+            counts.update(w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    taken = set(vocab)
+    for word, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= size:
+            break
+        if word not in taken:
+            vocab.append(word)
+            taken.add(word)
+    return vocab
+
+
+def _tiny_encoder(tasks: Sequence[TaskData], config: TrainConfig, folder: Path) -> MultiTaskModel:
+    """A small random BERT with a word-and-character vocabulary from the training text."""
+    import transformers  # noqa: PLC0415
+
+    vocab_file = folder / "vocab.txt"
+    if not vocab_file.exists():  # a resumed run keeps the vocabulary it started with
+        folder.mkdir(parents=True, exist_ok=True)
+        text = "".join(f"{token}\n" for token in _tiny_vocabulary(tasks))
+        checkpoint.write_text(vocab_file, text)
+    tokenizer = cast(Any, transformers).BertTokenizerFast.from_pretrained(
+        folder, local_files_only=True
+    )
+    bert = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=max(config.max_length, 64),
+    )
+    heads = [(t.head, t.labels) for t in tasks]
+    return MultiTaskModel.from_config(bert, heads, tokenizer=tokenizer, dropout=config.dropout)
+
+
+def build_model(tasks: Sequence[TaskData], config: TrainConfig, run_dir: Path) -> MultiTaskModel:
+    torch.manual_seed(config.seed)
+    heads = [(t.head, t.labels) for t in tasks]
+    if config.encoder == "tiny":
+        model = _tiny_encoder(tasks, config, run_dir / "tiny-vocab")
+    else:
+        path = None if config.encoder == "minilm" else config.encoder
+        model = MultiTaskModel.from_pretrained(path, heads, dropout=config.dropout)
+    if model.tokenizer is None:
+        raise ConfigError(f"encoder {config.encoder!r} comes without a tokenizer")
+    return model
