@@ -25,12 +25,19 @@ _TRAIN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--dev-size", "dev_size", int, "target dev sentences (default: all)"),
     ("--test-size", "test_size", int, "target test sentences (default: all)"),
     ("--paradigm", "paradigm", str, "single | joint | normalized-joint | pretrain"),
-    ("--weighting", "weighting", str, "fixed | tawt"),
+    (
+        "--method",
+        "method",
+        str,
+        "tawt (default) | tawt-step | fixed | equal | mgda | mgda-ub | metaweighting | "
+        "gradnorm | uncertainty",
+    ),
     ("--weights-as", "weights_as", str, "loss (factors, the paper) | sampling (probabilities)"),
     ("--epoch", "epoch", str, "stream (all tasks' batches) | target (one pass over the target)"),
     ("--encoder", "encoder", str, "minilm | tiny | a local encoder folder"),
     ("--epochs", "epochs", int, "epochs (default 4)"),
     ("--batch-size", "batch_size", int, "batch size (default 32)"),
+    ("--accumulate", "accumulate", int, "micro-batches per optimizer step (default 1)"),
     ("--lr", "lr", float, "AdamW learning rate (default 5e-5)"),
     ("--max-length", "max_length", int, "sub-words per window (default 128)"),
     ("--seed", "seed", int, "seed (default 0)"),
@@ -79,6 +86,17 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="config file (.toml, .yaml, .json)")
     for flag, key, kind, text in _TRAIN_FLAGS + _TAWT_FLAGS:
         train.add_argument(flag, dest=f"set_{key}", type=kind, help=text)
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, also a method's table: --set metaweighting.eta=1e-3 "
+        "--set mgda.normalization=l2 (values are read as TOML: numbers, true/false, strings)",
+    )
+    # The key's old name (configs say weighting = "tawt" | "fixed"): still read.
+    train.add_argument("--weighting", dest="set_weighting", help=argparse.SUPPRESS)
     train.add_argument("--resume", action="store_true", help="continue the run in --output")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -148,6 +166,11 @@ def _train_config(args: argparse.Namespace) -> Any:
     from pyxtask.config import from_mapping, load_config  # noqa: PLC0415
 
     base = load_config(args.config).to_dict() if args.config else {}
+    if args.set_weighting is not None:
+        base["weighting"] = args.set_weighting
+        base.pop("method", None)
+    for item in args.overrides:
+        _override(base, item)
     for _, key, _, _ in _TRAIN_FLAGS:
         value = getattr(args, f"set_{key}")
         if value is not None:
@@ -169,6 +192,28 @@ def _train_config(args: argparse.Namespace) -> Any:
     if tawt:
         base["tawt"] = tawt
     return from_mapping(base, source=args.config or "flags")
+
+
+def _override(config: dict[str, Any], item: str) -> None:
+    """``KEY=VALUE`` (``section.key=value`` for a method's table) into a config mapping."""
+    import tomllib  # noqa: PLC0415
+
+    from pyxtask.config import ConfigError  # noqa: PLC0415
+
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set metaweighting.eta=1e-3")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: a string
+    *tables, name = key.strip().split(".")
+    target = config
+    for table in tables:
+        inner = target.get(table)
+        target[table] = inner = dict(inner) if isinstance(inner, dict) else {}
+        target = inner
+    target[name] = value
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -1,22 +1,33 @@
-"""The README's Python examples run as written (blocks marked ``<!-- test:python -->``)."""
+"""The Python examples of the README and of ``docs/`` run as written (blocks marked
+``<!-- test:python -->``; a block that ends with ``# expected`` comments prints that)."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"<!-- test:python -->\s*```python\n(.*?)```", README.read_text(), re.S)
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+PATTERN = r"<!-- test:python -->\s*```python\n(.*?)```"
+BLOCKS = [(doc, code) for doc in DOCS for code in re.findall(PATTERN, doc.read_text(), re.S)]
 
 
-def test_readme_has_executable_examples():
-    assert BLOCKS
+def test_readme_and_docs_have_executable_examples():
+    assert {doc.name for doc, _ in BLOCKS} >= {"README.md", "architecture.md"}
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_example_runs(code, capsys):
-    exec(compile(code, str(README), "exec"), {})
-    assert capsys.readouterr().out.strip()
+@pytest.mark.parametrize(
+    ("doc", "code"), BLOCKS, ids=[f"{doc.stem}-{i}" for i, (doc, _) in enumerate(BLOCKS)]
+)
+def test_example_runs(doc, code, capsys):
+    exec(compile(code, str(doc), "exec"), {})
+    out = capsys.readouterr().out.strip()
+    assert out
+    # A block whose last lines are "# ..." comments after a print shows what it prints.
+    expected = [line[2:] for line in code.rstrip().splitlines()[-1:] if line.startswith("# ")]
+    if expected and doc.name != "README.md":
+        assert out.splitlines()[-1] == expected[0]
 
 
 TOML_BLOCKS = re.findall(r"<!-- test:toml -->\s*```toml\n(.*?)```", README.read_text(), re.S)

