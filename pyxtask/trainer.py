@@ -17,6 +17,7 @@ thread count).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -151,8 +152,8 @@ class Trainer:
         )
         self.phases = self._phases()
         for i, phase in enumerate(self.phases):
-            if phase.method.sampling != "one":  # its epoch length does not depend on weights
-                self.ctx.steps_per_epoch = self._steps_per_epoch(i, 0)
+            # Read on demand: a stream sampler's length may depend on the bound weights.
+            self.ctx.steps_per_epoch = functools.partial(self._steps_per_epoch, i, 0)
             phase.method.bind(self.ctx)
 
     def _phases(self) -> list[Phase]:

@@ -17,7 +17,14 @@ import torch
 import transformers
 
 from pyxtask import cli
-from pyxtask.config import ConfigError, TAWTConfig, TrainConfig, from_mapping, load_config
+from pyxtask.config import (
+    ConfigError,
+    MetaWeightingConfig,
+    TAWTConfig,
+    TrainConfig,
+    from_mapping,
+    load_config,
+)
 from pyxtask.data import LabelMap, TaggedSentence
 from pyxtask.data.tokenization import LongSequenceWarning
 from pyxtask.models import MultiTaskModel
@@ -177,40 +184,51 @@ transformers.utils.logging.disable_progress_bar()
 from pyxtask.trainer import Trainer
 from tests.test_train import resume_config, synthetic_tasks
 
-run_dir, mode = sys.argv[1], sys.argv[2]
+run_dir, mode, method, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 if mode == "pause":
     step = Trainer._step
     calls = [0]
 
     def paused(self, *args, **kwargs):
         calls[0] += 1
-        if calls[0] == {kill_at}:
+        if calls[0] == kill_at:
             Path(run_dir, "paused").write_text(str(calls[0]))
             time.sleep(120)  # the parent kills us here
         return step(self, *args, **kwargs)
 
     Trainer._step = paused
 trainer = Trainer(
-    resume_config(), run_dir, progress=False, tasks=synthetic_tasks(0, 16, 40, 16),
+    resume_config(method), run_dir, progress=False, tasks=synthetic_tasks(0, 16, 40, 16),
     keep_checkpoint=True,
 )
 trainer.fit(resume=mode == "resume")
 """
 
 
-def resume_config():
+def resume_config(method="tawt"):
+    if method == "tawt":
+        return synthetic_config(
+            epochs=2,
+            checkpoint_every=5,
+            log_every=2,
+            tawt=TAWTConfig(update_every=4, probe_size=16),
+        )
+    # All-tasks methods: 5 steps an epoch (one pass over the 40-example sources), dropout on,
+    # MetaWeighting's query batches and w, GradNorm's learnt weights and Adam state.
     return synthetic_config(
-        epochs=2,
-        checkpoint_every=5,
+        method=method,
+        epochs=3,
+        checkpoint_every=3,
         log_every=2,
-        tawt=TAWTConfig(update_every=4, probe_size=16),
+        dropout=0.1,
+        metaweighting=MetaWeightingConfig(eta=0.5, alpha=0.5),
     )
 
 
-def _child(run_dir, mode):
-    code = CHILD.format(repo=os.fspath(REPO), kill_at=KILL_AT)
+def _child(run_dir, mode, method="tawt", kill_at=KILL_AT):
+    code = CHILD.format(repo=os.fspath(REPO))
     return subprocess.Popen(
-        [sys.executable, "-c", code, os.fspath(run_dir), mode],
+        [sys.executable, "-c", code, os.fspath(run_dir), mode, method, str(kill_at)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -223,10 +241,10 @@ def _finish(proc, timeout=120):
     assert proc.returncode == 0, out.decode(errors="replace")
 
 
-def test_kill_mid_epoch_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
-    killed, straight = tmp_path / "killed", tmp_path / "straight"
-    reference = _child(straight, "straight")  # runs beside the killed one (one thread each)
-    victim = _child(killed, "pause")
+def _kill_at_pause(killed, method, kill_at):
+    """Run into ``killed`` until the pause before step ``kill_at``, SIGKILL it; return whether
+    a summary existed then and the logs' sizes at the kill."""
+    victim = _child(killed, "pause", method, kill_at)
     try:
         deadline = time.monotonic() + 120
         while not (killed / "paused").exists():
@@ -242,6 +260,36 @@ def test_kill_mid_epoch_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
             victim.kill()
             victim.wait()
     assert victim.returncode == -signal.SIGKILL
+    return summary_at_kill, log_sizes
+
+
+def _assert_same_run(killed, straight):
+    a = torch.load(killed / "checkpoint.pt", map_location="cpu", weights_only=False)
+    b = torch.load(straight / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"]
+    assert a["model"].keys() == b["model"].keys()
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert str(a["method"]) == str(b["method"])
+    assert a["best"] == b["best"]
+    for name in ("metrics.jsonl", "weights.csv", "similarity.jsonl", "config.json"):
+        if (straight / name).exists():
+            assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
+    sa = json.loads((killed / "summary.json").read_text())
+    sb = json.loads((straight / "summary.json").read_text())
+    for key in ("dev", "test", "test_scores", "omega", "w", "steps", "weight_updates"):
+        assert sa[key] == sb[key], key
+    assert sa["target_examples_seen"] == sb["target_examples_seen"]
+    best_a = MultiTaskModel.load(killed / "best").state_dict()
+    best_b = MultiTaskModel.load(straight / "best").state_dict()
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_b)
+    return a
+
+
+def test_kill_mid_epoch_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    reference = _child(straight, "straight")  # runs beside the killed one (one thread each)
+    summary_at_kill, log_sizes = _kill_at_pause(killed, "tawt", KILL_AT)
     assert not summary_at_kill
     assert not (killed / "summary.json").exists()
 
@@ -256,26 +304,24 @@ def test_kill_mid_epoch_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
 
     _finish(_child(killed, "resume"))
     _finish(reference)
+    a = _assert_same_run(killed, straight)
+    assert a["global_step"] == 2 * per_epoch
 
-    a = torch.load(killed / "checkpoint.pt", map_location="cpu", weights_only=False)
-    b = torch.load(straight / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert a["global_step"] == b["global_step"] == 2 * per_epoch
-    assert a["model"].keys() == b["model"].keys()
-    for key, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][key]), key
-    assert a["method"] == b["method"]
-    assert a["best"] == b["best"]
 
-    for name in ("metrics.jsonl", "weights.csv", "similarity.jsonl", "config.json"):
-        assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
-    sa = json.loads((killed / "summary.json").read_text())
-    sb = json.loads((straight / "summary.json").read_text())
-    for key in ("dev", "test", "test_scores", "omega", "w", "steps", "weight_updates"):
-        assert sa[key] == sb[key], key
-    assert sa["target_examples_seen"] == sb["target_examples_seen"]
-    best_a = MultiTaskModel.load(killed / "best").state_dict()
-    best_b = MultiTaskModel.load(straight / "best").state_dict()
-    assert all(torch.equal(best_a[k], best_b[k]) for k in best_b)
+@pytest.mark.parametrize("method", ["metaweighting", "gradnorm"])
+def test_all_tasks_method_killed_mid_epoch_resumes_bitwise(tmp_path, method):
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    reference = _child(straight, "straight", method)
+    # Checkpoints at steps 3, 5 (epoch end) and 6; killed before step 8, so step 7's weight
+    # row was written after the last checkpoint and must be cut off on resume.
+    _, log_sizes = _kill_at_pause(killed, method, 8)
+    saved = torch.load(killed / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 6 and saved["epoch"] == 1 and saved["sampler"] is not None
+    assert log_sizes["weights.csv"] > saved["logs"]["weights.csv"]
+    _finish(_child(killed, "resume", method, 8))
+    _finish(reference)
+    a = _assert_same_run(killed, straight)
+    assert a["global_step"] == 15 and a["method"]["name"] == method
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,6 +411,41 @@ def test_cli_pretrain_sweeps_c_and_keeps_the_best_dev(real_corpora, tmp_path, ca
     assert summary["dev"] == best["dev"] == max(r["dev"] for r in summary["sweep"].values())
     assert summary["c"] == best["c"]
     assert "tawt-pretrain" in printed.out
+
+
+@pytest.mark.network
+@pytest.mark.filterwarnings("ignore::pyxtask.data.tokenization.LongSequenceWarning")
+@pytest.mark.parametrize(
+    "method", ["tawt-step", "equal", "mgda", "mgda-ub", "metaweighting", "gradnorm", "uncertainty"]
+)
+def test_every_all_tasks_method_trains_on_real_corpora(real_corpora, tmp_path, capsys, method):
+    # Brown's layers label the same sentences, which MGDA-UB needs.
+    out = tmp_path / method
+    args = [*TINY_RUN, "--target", "brown.upos", "--sources", "brown.pos,brown.genre"]
+    code = cli.main([*args, "--method", method, "--output", os.fspath(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method_name"] == method and summary["target"] == "brown.upos"
+    assert summary["steps"] > 0 and 0.0 <= summary["test"] <= 1.0
+    # Every step had a batch of every task; the weights changed and were written at each update.
+    assert summary["target_examples_seen"] >= summary["steps"]
+    rows = _weights_rows(out / "weights.csv")
+    assert len(rows) == summary["weight_updates"] + 1
+    if method != "equal":
+        assert summary["weight_updates"] == summary["steps"] or method == "tawt-step"
+    for name in ("weights.png", "learning_curves.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+
+
+def test_mgda_ub_on_tasks_with_different_inputs_is_one_error_line(real_corpora, capsys):
+    code = cli.main([*TINY_RUN, "--method", "mgda-ub", "--output", "/nonexistent/never"])
+    printed = capsys.readouterr()
+    assert code == 1
+    assert "Traceback" not in printed.err
+    errors = [line for line in printed.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, printed.err
+    assert "mgda-ub" in errors[0] and "brown.upos" in errors[0] and "same sentences" in errors[0]
 
 
 # --------------------------------------------------------------------------------------------

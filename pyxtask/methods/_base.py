@@ -78,9 +78,18 @@ class StepContext:
         self.phase_step = 0
         self.global_step = 0
         self.epoch = 0
-        #: Optimizer steps per epoch of the current phase (for methods that pace themselves).
-        self.steps_per_epoch = 1
+        self._steps_per_epoch: int | Callable[[], int] = 1
         self._aligned: list[tuple[int, ...]] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch of the current phase (for methods that pace themselves)."""
+        value = self._steps_per_epoch
+        return value if isinstance(value, int) else value()
+
+    @steps_per_epoch.setter
+    def steps_per_epoch(self, value: int | Callable[[], int]) -> None:
+        self._steps_per_epoch = value
 
     # -- tasks and parameters -------------------------------------------------------------------
 
@@ -275,6 +284,7 @@ class Method:
 
     def __init__(self) -> None:
         self.updates = 0
+        self._task_gradients: dict[tuple[str, str], TaskGradients] = {}
 
     def bind(self, ctx: StepContext) -> None:
         """Called once the data is known (task sizes), before training or resuming."""
@@ -296,11 +306,35 @@ class Method:
     def epoch_end(self, ctx: StepContext, epoch: int) -> None:
         """After an epoch's last step, before the dev evaluation."""
 
+    def task_gradients(
+        self, ctx: StepContext, mode: Mode, parameters: str = "shared"
+    ) -> TaskGradients:
+        """The method's :class:`TaskGradients` of that mode (made once: a buffer is T x P)."""
+        key = (mode, parameters)
+        if key not in self._task_gradients:
+            self._task_gradients[key] = ctx.task_gradients(mode, parameters)
+        return self._task_gradients[key]
+
+    def measured_backward(
+        self, ctx: StepContext, micro_batches: list[Step], weights: Sequence[float]
+    ) -> tuple[GradientStats, dict[int, float]]:
+        """``.grad = sum_t w_t g_t`` and the statistics of the step's own per-task gradients:
+        streaming for one micro-batch; with several, the norms and dot products of their sum
+        need the rows, so buffer mode."""
+        if len(micro_batches) == 1:
+            grads = self.task_gradients(ctx, "streaming")
+            stats, losses = backward_all(ctx, micro_batches, grads, weights)
+            return stats[0], losses
+        grads = self.task_gradients(ctx, "buffer")
+        stats, losses = backward_all(ctx, micro_batches, grads, None)
+        grads.combine(weights)
+        return stats[-1], losses
+
     def close(self) -> None:
         """Release what the method holds on the model (the hooks of its TaskGradients)."""
-        for value in vars(self).values():
-            if isinstance(value, TaskGradients):
-                value.close()
+        for grads in self._task_gradients.values():
+            grads.close()
+        self._task_gradients.clear()
 
     def task_probabilities(self) -> list[float] | None:
         """``sampling="one"``: draw a task's batch with these probabilities (None: the

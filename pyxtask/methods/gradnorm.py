@@ -17,8 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from pyxtask.gradients import TaskGradients
-from pyxtask.methods._base import Method, Sampling, Step, StepContext, backward_all, shares
+from pyxtask.methods._base import Method, Sampling, Step, StepContext, shares
 from pyxtask.weighting import GradNorm
 
 __all__ = ["GradNormMethod"]
@@ -36,7 +35,6 @@ class GradNormMethod(Method):
         self.alpha, self.lr = float(alpha), float(lr)
         self.task_weights: nn.Parameter | None = None
         self._gradnorm: GradNorm | None = None
-        self._grads: TaskGradients | None = None
 
     def bind(self, ctx: StepContext) -> None:
         self._gradnorm = GradNorm(ctx.num_tasks, alpha=self.alpha)
@@ -47,11 +45,9 @@ class GradNormMethod(Method):
 
     def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
         assert self.task_weights is not None and self._gradnorm is not None
-        if self._grads is None:
-            self._grads = ctx.task_gradients("streaming")
         w = self.task_weights.detach()
-        stats, losses = backward_all(ctx, micro_batches, self._grads, w.tolist())
-        norms = torch.stack([s.sq_norms for s in stats]).sum(0).sqrt()
+        stats, losses = self.measured_backward(ctx, micro_batches, w.tolist())
+        norms = stats.sq_norms.sqrt()
         L = torch.tensor([losses[t] for t in range(ctx.num_tasks)], dtype=torch.float64)
         self.task_weights.grad = self._gradnorm.weight_gradient(w, norms, L)
         return losses

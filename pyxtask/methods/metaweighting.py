@@ -75,8 +75,7 @@ class MetaWeightingMethod(Method):
         self._weighting = MetaWeighting(ctx.num_tasks, alpha=self.alpha, eta=self.eta)
 
     def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
-        if self._support is None:
-            self._support = ctx.task_gradients("buffer", self.covered)
+        self._support = self.task_gradients(ctx, "buffer", self.covered)
         if self._epoch_start is None:
             self._epoch_start = self.weighting.w
         _, losses = backward_all(ctx, micro_batches, self._support, None)
@@ -87,7 +86,7 @@ class MetaWeightingMethod(Method):
         support = self._support
         if support is None or support.buffer is None:
             return
-        if self._query is None:
+        if self._query is None:  # a second buffer: the support rows are still needed
             self._query = ctx.task_gradients("buffer", self.covered)
         T = ctx.num_tasks
         seed = ctx.seed * 6007 + ctx.global_step
@@ -98,6 +97,12 @@ class MetaWeightingMethod(Method):
         self.updates = self.weighting.updates
         ctx.model.zero_grad(set_to_none=True)  # the query pass is a measurement, not a step
         self.record(ctx)
+
+    def close(self) -> None:
+        super().close()
+        if self._query is not None:
+            self._query.close()
+            self._query = None
 
     def epoch_end(self, ctx: StepContext, epoch: int) -> None:
         w = self.weighting.w

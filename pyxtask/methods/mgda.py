@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from pyxtask import ops
+from pyxtask.config import ConfigError
 from pyxtask.data import collate
 from pyxtask.evaluation import autocast
-from pyxtask.gradients import TaskGradients
 from pyxtask.methods._base import Method, Sampling, Step, StepContext, backward_all, shares
 from pyxtask.weighting import MGDA
 
@@ -40,19 +40,17 @@ class MGDAMethod(Method):
     def __init__(self, normalization: str = "none") -> None:
         super().__init__()
         self.weighting = MGDA(normalization=cast(Any, normalization))
-        self._grads: TaskGradients | None = None
         self._lambda: Tensor | None = None
 
     def bind(self, ctx: StepContext) -> None:
         self._lambda = torch.full((ctx.num_tasks,), 1.0 / ctx.num_tasks, dtype=torch.float64)
 
     def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
-        if self._grads is None:
-            self._grads = ctx.task_gradients("buffer")
-        stats, losses = backward_all(ctx, micro_batches, self._grads, None)
+        grads = self.task_gradients(ctx, "buffer")
+        stats, losses = backward_all(ctx, micro_batches, grads, None)
         gram = cast(Tensor, stats[-1].gram)
         self._lambda = self.weighting(gram, _loss_vector(losses, ctx.num_tasks))
-        self._grads.combine(self._lambda * ctx.num_tasks)
+        grads.combine(self._lambda * ctx.num_tasks)
         self.updates += 1
         return losses
 
@@ -72,7 +70,10 @@ class MGDAUBMethod(MGDAMethod):
 
     def bind(self, ctx: StepContext) -> None:
         super().bind(ctx)
-        ctx.aligned()  # tasks that do not share their inputs fail here, before training
+        try:
+            ctx.aligned()  # tasks that do not share their inputs fail here, before training
+        except ConfigError as exc:
+            raise ConfigError(f"{self.name}: {exc}") from None
 
     def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
         if len(micro_batches) != 1:

@@ -17,7 +17,6 @@ about as far as one of the paper's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, cast
 
 import torch
@@ -25,7 +24,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pyxtask.gradients import GradientStats, TaskGradients
-from pyxtask.methods._base import Method, Sampling, Step, StepContext, backward_all
+from pyxtask.methods._base import Method, Sampling, Step, StepContext
 from pyxtask.methods.fixed import StreamMethod
 from pyxtask.weighting import TAWT, exact_reference
 
@@ -184,7 +183,6 @@ class TAWTStepMethod(Method):
         self.epoch_lr = float(lr)
         self.update_every = int(update_every)
         self._tawt: TAWT | None = None
-        self._grads: TaskGradients | None = None
         self._similarity_sum: Tensor | None = None
         self._count = 0
 
@@ -205,10 +203,8 @@ class TAWTStepMethod(Method):
         return [float(x) for x in omega * float(self.tawt.included.sum())]
 
     def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
-        if self._grads is None:
-            self._grads = ctx.task_gradients("streaming")
-        stats, losses = backward_all(ctx, micro_batches, self._grads, self.loss_factors())
-        s = self.tawt.similarities(_summed(stats))
+        stats, losses = self.measured_backward(ctx, micro_batches, self.loss_factors())
+        s = self.tawt.similarities(stats)
         self._similarity_sum = s if self._similarity_sum is None else self._similarity_sum + s
         self._count += 1
         return losses
@@ -244,16 +240,3 @@ class TAWTStepMethod(Method):
             None if pending is None else torch.tensor(pending, dtype=torch.float64)
         )
         self._count = int(state["count"])
-
-
-def _summed(stats: Sequence[GradientStats]) -> GradientStats:
-    """One step's statistics from its micro-batches' (sums of norms and dot products)."""
-    if len(stats) == 1:
-        return stats[0]
-    return GradientStats(
-        sq_norms=torch.stack([s.sq_norms for s in stats]).sum(0),
-        reference_dots=torch.stack([s.reference_dots for s in stats]).sum(0),
-        reference_sq_norm=sum(s.reference_sq_norm for s in stats),
-        gram=None,
-        measured=torch.stack([s.measured for s in stats]).any(0),
-    )
