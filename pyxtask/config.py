@@ -78,6 +78,8 @@ class MetaWeightingConfig:
     query_ratio: float = 0.1
     #: Gradients the cross products cover: "shared" (encoder) or "all" (encoder and heads).
     parameters: str = "shared"
+    #: The target's query set: "split" (query_ratio of its training examples) or "dev".
+    target_query: str = "split"
 
 
 @dataclass
@@ -197,6 +199,7 @@ class TrainConfig:
         choice("method", self.method, tuple(method_names()))
         choice("mgda.normalization", self.mgda.normalization, ("none", "l2", "loss", "loss+"))
         choice("metaweighting.parameters", self.metaweighting.parameters, ("shared", "all"))
+        choice("metaweighting.target_query", self.metaweighting.target_query, ("split", "dev"))
         choice("weights_as", self.weights_as, WEIGHTS_AS)
         choice("epoch", self.epoch, EPOCHS)
         choice("tawt.similarity", self.tawt.similarity, ("cosine", "dot", "exact"))

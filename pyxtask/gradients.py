@@ -3,7 +3,7 @@
 A multi-task step with one batch per task already runs one backward pass per task. Instead of
 a second round of ``autograd.grad`` calls (what peers do), :class:`TaskGradients` takes each
 task's gradient of the shared parameters φ as that task's backward produces it, in one of two
-modes (DESIGN.md, "cost model"):
+modes (``docs/architecture.md``):
 
 ``"buffer"``
     every task's gradient becomes a row of a T x P buffer (``pyxtask.ops.gather_flat``, one

@@ -131,7 +131,11 @@ class Trainer:
         encoded, heldout = [], []
         for t, task in enumerate(self.tasks):
             train = task.train
-            if holdout > 0:
+            if holdout > 0 and t == 0 and self.method.target_holdout == "dev":
+                if not task.dev:
+                    raise ConfigError(f"{task.name} has no dev split to use as its query set")
+                heldout.append(tok(task.dev, task))
+            elif holdout > 0:
                 train, query = split_holdout(train, holdout, config.seed * 31 + t)
                 heldout.append(tok(query, task))
             encoded.append(tok(train, task))

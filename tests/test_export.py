@@ -31,10 +31,10 @@ from hypothesis import strategies as st
 
 import pyxtask
 from pyxtask.data import LabeledText, LabelMap, TaggedSentence, collate, tokenize_corpus
+from pyxtask.evaluation import predict
 from pyxtask.export import ExportError, TargetModel, export_run
 from pyxtask.models import MultiTaskModel
 from pyxtask.serving import BundleError, Tagger, read_manifest
-from pyxtask.evaluation import predict
 from tests._bundles import VOCAB, make_bundle, words
 
 ATOL = 1e-4  # fp32 ONNX / TorchScript against eager PyTorch (see the module docstring)

@@ -448,6 +448,27 @@ def test_mgda_ub_on_tasks_with_different_inputs_is_one_error_line(real_corpora, 
     assert "mgda-ub" in errors[0] and "brown.upos" in errors[0] and "same sentences" in errors[0]
 
 
+@pytest.mark.parametrize("target_query", ["split", "dev"])
+def test_metaweighting_query_sets(tmp_path, target_query):
+    tasks = synthetic_tasks(0, 20, 30, 10)
+    config = synthetic_config(
+        method="metaweighting",
+        epochs=1,
+        metaweighting=MetaWeightingConfig(query_ratio=0.2, target_query=target_query),
+    )
+    trainer = Trainer(config, tmp_path, progress=False, tasks=tasks)
+    summary = trainer.fit()
+    held = [len(items) for items in trainer.ctx.heldout]
+    # 20% of each task's sentences are its query set (one window per short sentence) ...
+    assert held[1:] == [6, 6]
+    assert trainer.sizes[1:] == [24, 24]
+    if target_query == "split":
+        assert (held[0], trainer.sizes[0]) == (4, 16)
+    else:  # ... or the target's dev split, and all its training sentences train
+        assert (held[0], trainer.sizes[0]) == (10, 20)
+    assert summary["weight_updates"] == summary["steps"] > 0
+
+
 # --------------------------------------------------------------------------------------------
 # 4. Configuration errors (no training)
 

@@ -105,6 +105,7 @@ _REGISTRY: dict[str, MethodFactory] = {
         eta=config.metaweighting.eta,
         query_ratio=config.metaweighting.query_ratio,
         parameters=config.metaweighting.parameters,
+        target_query=config.metaweighting.target_query,
     ),
     "gradnorm": lambda config, c: GradNormMethod(
         alpha=config.gradnorm.alpha, lr=config.gradnorm.lr

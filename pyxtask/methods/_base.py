@@ -279,6 +279,9 @@ class Method:
     adaptive: ClassVar[bool] = False
     #: Fraction of each task's training examples held out from training (query sets).
     holdout: float = 0.0
+    #: Where the target's held-out set comes from: a split of its training examples, or its
+    #: dev split (then every training example trains, but the dev set also picks weights).
+    target_holdout: Literal["split", "dev"] = "split"
     #: Learning rate of :meth:`parameters` (their own optimizer group).
     lr: float = 1e-2
 

@@ -17,7 +17,7 @@ products cover: ``"shared"`` (the encoder, default) or ``"all"`` (encoder and he
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import Tensor
@@ -38,6 +38,10 @@ class MetaWeightingMethod(Method):
         eta: the inner learning rate of eq. 10 (the paper's: 2e-5 for BERT).
         query_ratio: fraction of each task's training examples held out as its query set.
         parameters: ``"shared"`` or ``"all"``.
+        target_query: the target's query set: ``"split"`` (``query_ratio`` of its training
+            examples, like every task's) or ``"dev"`` (its dev split; all its training examples
+            train, but the dev split then also steers the weights, so it is no longer an
+            unbiased model-selection set).
     """
 
     name: ClassVar[str] = "metaweighting"
@@ -51,12 +55,16 @@ class MetaWeightingMethod(Method):
         eta: float = 2e-5,
         query_ratio: float = 0.1,
         parameters: str = "shared",
+        target_query: str = "split",
     ) -> None:
         super().__init__()
         if not 0.0 < query_ratio < 1.0:
             raise ValueError(f"query_ratio must be in (0, 1), got {query_ratio}")
         if parameters not in ("shared", "all"):
             raise ValueError(f"parameters must be 'shared' or 'all', got {parameters!r}")
+        if target_query not in ("split", "dev"):
+            raise ValueError(f"target_query must be 'split' or 'dev', got {target_query!r}")
+        self.target_holdout = cast(Literal["split", "dev"], target_query)
         self.alpha, self.eta = float(alpha), float(eta)
         self.holdout = float(query_ratio)
         self.covered = parameters

@@ -25,7 +25,7 @@ def _omega(w: Tensor, sizes: Tensor) -> Tensor:
 class Weighting:
     """Task weights over ``[target, source 1, ..., source T]`` (task 0 is always the target).
 
-    Two views of the same weights, as in the authors' code (DESIGN.md, "cost model"):
+    Two views of the same weights, as in the TAWT authors' code:
 
     ``w``
         per-batch *loss factors* when every task's batches come in one shuffled stream (a task
