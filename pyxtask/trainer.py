@@ -247,10 +247,13 @@ class Trainer:
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        total = max(1, self._phase_steps(phase_index))
-        warm = int(config.warmup * total)
+        self._planned_steps = max(1, self._phase_steps(phase_index))
+        warm = int(config.warmup * self._planned_steps)
 
         def schedule(step: int) -> float:
+            # Linear decay to the planned end, re-planned at each epoch's start (with
+            # weights as sampling probabilities, later epochs can be shorter).
+            total = self._planned_steps
             if step < warm:
                 return (step + 1) / (warm + 1)
             return max(0.0, (total - step) / max(1, total - warm))
@@ -319,12 +322,12 @@ class Trainer:
         started = time.perf_counter() - float(state["elapsed"])
         for phase_index in range(int(state["phase"]), len(self.phases)):
             optimizer, scheduler = self._start_phase(phase_index, state)
-            phase, steps = self.phases[phase_index], self._phase_steps(phase_index)
+            phase = self.phases[phase_index]
             for epoch in range(int(state["epoch"]), phase.epochs):
-                if self.ctx.phase_step >= steps:
+                if self.ctx.phase_step >= self._planned_steps:
                     break
                 self.ctx.epoch = epoch
-                self._epoch(phase_index, epoch, state, optimizer, scheduler, steps, started)
+                self._epoch(phase_index, epoch, state, optimizer, scheduler, started)
                 phase.method.epoch_end(self.ctx, epoch)
                 if 0 in phase.tasks:
                     self._eval_dev(state, epoch)
@@ -340,7 +343,6 @@ class Trainer:
         state: dict[str, Any],
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
-        phase_steps: int,
         started: float,
     ) -> None:
         """One epoch's optimizer steps (or the rest of a resumed one)."""
@@ -353,6 +355,10 @@ class Trainer:
         state["sampler"] = None
         pending: dict[int, list[float]] = {int(k): v for k, v in state["pending"].items()}
         m = config.accumulate
+        per_epoch = math.ceil(len(sampler) / m)
+        planned = ctx.phase_step - sampler.step // m + (phase.epochs - epoch) * per_epoch
+        self._planned_steps = planned if phase.max_steps is None else min(planned, phase.max_steps)
+        phase_steps = self._planned_steps
         bar = tqdm(
             total=min(
                 math.ceil(len(sampler) / m), phase_steps - ctx.phase_step + sampler.step // m
