@@ -472,6 +472,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma list of contenders (plain is always run)",
     )
     parser.add_argument("--reps", type=int, default=None, help="timed steps per contender")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's own; 1 is steadier on a loaded machine)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON results path")
     args = parser.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(CONTENDERS)
@@ -486,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     setting = QUICK if args.quick else FULL
     reps = setting.reps if args.reps is None else args.reps
     gen = torch.Generator().manual_seed(0)
@@ -546,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             "bf16": args.bf16,
             "methods": args.methods,
             "reps": reps,
+            "threads": args.threads,
         },
         "setting": {
             **setting.__dict__,
