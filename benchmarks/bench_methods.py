@@ -1,11 +1,12 @@
 """Times each training method's optimizer step against the plain summed-loss step.
 
 Run ``python benchmarks/bench_methods.py`` (full: a 4-layer, 256-wide BERT, T = 4 tagging
-tasks, 16 x 64 tokens per task, medians of 7 steps after 2 warm-up steps; a few minutes on 2
-cores) or ``--quick`` (a 2-layer, 128-wide BERT, 8 x 32 tokens, 3 steps after 1: well under a
-minute). ``--device cuda`` times on the GPU (synchronised around every step); ``--methods``
-picks contenders by name. The table goes to stdout and everything, with machine information,
-to ``benchmarks/results/bench_methods-<timestamp>.json``. See ``benchmarks/README.md``.
+tasks, 16 x 64 tokens per task, medians of 7 steps after 2 warm-up steps: 14 minutes on 2
+busy cores) or ``--quick`` (a 2-layer, 128-wide BERT, 8 x 32 tokens, 3 steps after 1: 5-40 s
+of timing). ``--device cuda`` times on the GPU (synchronised around every step); ``--methods``
+picks contenders by name; ``--threads 1`` keeps timings steady when other processes share the
+cores. The table goes to stdout and everything, with machine information, to
+``benchmarks/results/bench_methods-<timestamp>.json``. See ``benchmarks/README.md``.
 
 Every contender owns an identically initialised model (same seed) and AdamW, and sees the same
 batches (random ids and labels, fixed seed; every task labels the same inputs, which MGDA-UB

@@ -532,19 +532,7 @@ class Trainer:
             device=self.device,
         )
         main = metric_name(target)
-        for metric, value in scores.items():
-            self._log(
-                "metrics.jsonl",
-                {
-                    "kind": "eval",
-                    "split": "dev",
-                    "epoch": epoch,
-                    "step": state["global_step"],
-                    "task": target.name,
-                    "metric": metric,
-                    "value": value,
-                },
-            )
+        self._log_scores("dev", epoch, state["global_step"], scores)
         best = state["best"]
         if best is None or scores[main] > best["value"]:
             state["best"] = {
@@ -554,6 +542,12 @@ class Trainer:
                 "metric": main,
             }
             self.model.save(self.run_dir / "best", overwrite=True)
+
+    def _log_scores(self, split: str, epoch: int, step: int, scores: dict[str, float]) -> None:
+        for metric, value in scores.items():
+            record = {"kind": "eval", "split": split, "epoch": epoch, "step": step}
+            record.update(task=self.tasks[0].name, metric=metric, value=value)
+            self._log("metrics.jsonl", record)
 
     def _finish(self, state: dict[str, Any], elapsed: float) -> dict[str, Any]:
         from pyxtask.plots import plot_run  # noqa: PLC0415
@@ -570,19 +564,7 @@ class Trainer:
             device=self.device,
         )
         main = metric_name(target)
-        for metric, value in test.items():
-            self._log(
-                "metrics.jsonl",
-                {
-                    "kind": "eval",
-                    "split": "test",
-                    "epoch": state["best"]["epoch"],
-                    "step": state["best"]["step"],
-                    "task": target.name,
-                    "metric": metric,
-                    "value": value,
-                },
-            )
+        self._log_scores("test", state["best"]["epoch"], state["best"]["step"], test)
         method = self.phases[0].method
         summary = {
             "method": config.label,

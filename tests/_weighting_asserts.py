@@ -15,6 +15,8 @@ Each assert takes a :class:`~pyxtask.weighting.GramWeighting` (or anything calle
 Tolerances are the caller's: each test knows how well-conditioned its inputs are.
 """
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -88,3 +90,36 @@ def assert_invariant_to_task_scaling(
     assert_finite_weights(w, gram.shape[0])
     assert_finite_weights(ws, gram.shape[0])
     np.testing.assert_allclose(as_array(ws), as_array(w), rtol=rtol, atol=atol)
+
+
+def np_min_norm(B):
+    """Exact ``argmin_{lam in simplex} lam^T B lam`` for a definite B, by enumerating supports.
+
+    On a support S the minimiser of ``lam_S^T B_SS lam_S`` with ``sum lam_S = 1`` solves
+    ``[[B_SS, 1], [1^T, 0]] [lam_S; mu] = [0; 1]``; every feasible (``lam_S >= 0``) solution is
+    a point of the simplex, and the optimum's own support gives the optimum, so the least
+    objective among feasible ones is the minimum.
+    """
+    B = np.asarray(B, dtype=np.float64)
+    T = B.shape[0]
+    best = None
+    for k in range(1, T + 1):
+        for S in itertools.combinations(range(T), k):
+            idx = list(S)
+            K = np.zeros((k + 1, k + 1))
+            K[:k, :k] = B[np.ix_(idx, idx)]
+            K[:k, k] = K[k, :k] = 1.0
+            rhs = np.zeros(k + 1)
+            rhs[k] = 1.0
+            try:
+                sol = np.linalg.solve(K, rhs)
+            except np.linalg.LinAlgError:
+                continue
+            if np.all(sol[:k] >= 0):
+                lam = np.zeros(T)
+                lam[idx] = sol[:k]
+                f = float(lam @ B @ lam)
+                if best is None or f < best[0]:
+                    best = (f, lam)
+    assert best is not None
+    return best[1]

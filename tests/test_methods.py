@@ -26,7 +26,6 @@ BLAS/OpenMP threads are pinned to one for this module: the models are tiny, and 
 2-core machine OpenMP's spin-waits made a forward/backward pass 250 times slower.
 """
 
-import itertools
 import random
 from dataclasses import dataclass
 
@@ -50,6 +49,7 @@ from pyxtask.methods import (
 from pyxtask.models import MultiTaskModel
 from pyxtask.tasks import TaskData
 from pyxtask.weighting import TAWT
+from tests._weighting_asserts import np_min_norm
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -234,36 +234,6 @@ def assert_combination(model, tasks, refs, factors):
     assert_close(grad_of(shared_params(model)), expected, what="shared .grad")
     for t, (f, r) in enumerate(zip(factors, refs, strict=True)):
         assert_close(grad_of(head_params(model, tasks[t])), f * r.head, what=f"head {t} .grad")
-
-
-def np_min_norm(B):
-    """Exact ``argmin_{lam in simplex} lam^T B lam`` for a definite B, by enumerating supports:
-    on a support S the minimiser with ``sum lam_S = 1`` solves the KKT system
-    ``[[B_SS, 1], [1^T, 0]] [lam_S; mu] = [0; 1]``; the least objective among the feasible
-    (``lam_S >= 0``) solutions is the minimum."""
-    B = np.asarray(B, dtype=np.float64)
-    T = B.shape[0]
-    best = None
-    for k in range(1, T + 1):
-        for S in itertools.combinations(range(T), k):
-            idx = list(S)
-            K = np.zeros((k + 1, k + 1))
-            K[:k, :k] = B[np.ix_(idx, idx)]
-            K[:k, k] = K[k, :k] = 1.0
-            rhs = np.zeros(k + 1)
-            rhs[k] = 1.0
-            try:
-                sol = np.linalg.solve(K, rhs)
-            except np.linalg.LinAlgError:
-                continue
-            if np.all(sol[:k] >= 0):
-                lam = np.zeros(T)
-                lam[idx] = sol[:k]
-                f = float(lam @ B @ lam)
-                if best is None or f < best[0]:
-                    best = (f, lam)
-    assert best is not None
-    return best[1]
 
 
 def assert_kkt(M, lam, rtol=RTOL):

@@ -382,6 +382,19 @@ def shares(w: Tensor) -> Tensor:
     return w / total if total != 0 else w
 
 
+def checked_losses(
+    ctx: StepContext, step: Step, totals: dict[int, float], m: int
+) -> list[Tensor | None]:
+    """``ctx.step_losses(step)``, each checked to be finite and added (``/ m``) to ``totals``."""
+    losses = ctx.step_losses(step)
+    for t, loss in enumerate(losses):
+        if loss is not None:
+            value = float(loss.detach())
+            ctx.check_loss(ctx.tasks[t].name, value, ctx.global_step + 1)
+            totals[t] = totals.get(t, 0.0) + value / m
+    return losses
+
+
 def backward_all(
     ctx: StepContext,
     micro_batches: list[Step],
@@ -396,12 +409,7 @@ def backward_all(
     stats: list[GradientStats] = []
     totals: dict[int, float] = {}
     for j, step in enumerate(micro_batches):
-        losses = ctx.step_losses(step)
-        for t, loss in enumerate(losses):
-            if loss is not None:
-                value = float(loss.detach())
-                ctx.check_loss(ctx.tasks[t].name, value, ctx.global_step + 1)
-                totals[t] = totals.get(t, 0.0) + value / m
+        losses = checked_losses(ctx, step, totals, m)
         scaled = [None if loss is None else loss / m if m > 1 else loss for loss in losses]
         if grads is None:
             w = [1.0] * len(losses) if weights is None else list(weights)

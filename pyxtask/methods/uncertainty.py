@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from pyxtask.methods._base import Method, Sampling, Step, StepContext, shares
+from pyxtask.methods._base import Method, Sampling, Step, StepContext, checked_losses, shares
 from pyxtask.weighting import Uncertainty
 
 __all__ = ["UncertaintyMethod"]
@@ -42,12 +42,7 @@ class UncertaintyMethod(Method):
         m = len(micro_batches)
         totals: dict[int, float] = {}
         for step in micro_batches:
-            losses = ctx.step_losses(step)
-            for t, loss in enumerate(losses):
-                if loss is not None:
-                    value = float(loss.detach())
-                    ctx.check_loss(ctx.tasks[t].name, value, ctx.global_step + 1)
-                    totals[t] = totals.get(t, 0.0) + value / m
+            losses = checked_losses(ctx, step, totals, m)
             stacked = torch.stack([loss.double() for loss in losses if loss is not None])
             (self.uncertainty(stacked) / m).backward()
         return totals
