@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", nargs="?", help="config file (.toml, .yaml, .json)")
     for flag, key, kind, text in _TRAIN_FLAGS + _TAWT_FLAGS:
-        train.add_argument(flag, dest=f"set_{key}", type=kind, help=text)
+        metavar = {int: "N", float: "X"}.get(kind, key.upper())
+        train.add_argument(flag, dest=f"set_{key}", type=kind, help=text, metavar=metavar)
     train.add_argument(
         "--set",
         dest="overrides",

@@ -535,6 +535,61 @@ def test_unknown_corpus_or_task_is_a_config_error(target, match):
         load_tasks(config)
 
 
+@pytest.mark.parametrize(
+    ("document", "match"),
+    [
+        ({"method": "mgda", "paradigm": "pretrain"}, "every task's batch in every step"),
+        ({"method": "gradnorm", "weights_as": "sampling"}, "draws one task per step"),
+        ({"method": "mgda-ub", "accumulate": 2}, "one batch per step"),
+        ({"method": "tawt-step", "tawt": {"similarity": "exact"}}, "probe batches"),
+        ({"mgda": {"normalization": "max"}}, "mgda.normalization"),
+        ({"metaweighting": {"query_ratio": 0.9}}, "metaweighting.query_ratio"),
+        ({"metaweighting": {"steps": 3}}, "metaweighting.steps"),
+        ({"weighting": "mgda"}, "the key is now 'method'"),
+        ({"weighting": "fixed", "method": "tawt"}, "disagree"),
+        ({"compare": ["nothing"]}, "compare entry"),
+    ],
+)
+def test_bad_method_configs(document, match):
+    with pytest.raises(ConfigError, match=match):
+        from_mapping(document)
+
+
+def test_old_configs_with_weighting_still_read():
+    assert from_mapping({"weighting": "fixed"}).method == "fixed"
+    assert from_mapping({"weighting": "tawt", "method": "tawt"}).label == "tawt-normalized-joint"
+
+
+def test_cli_set_overrides_any_key_and_method_tables(tmp_path):
+    args = cli._parser().parse_args(
+        [
+            "train",
+            "--method",
+            "metaweighting",
+            "--set",
+            "metaweighting.eta=1e-3",
+            "--set",
+            "metaweighting.parameters=all",
+            "--set",
+            "accumulate=2",
+            "--set",
+            "group_by_length=false",
+        ]
+    )
+    config = cli._train_config(args)
+    assert config.method == "metaweighting" and config.accumulate == 2
+    assert config.metaweighting.eta == 1e-3 and config.metaweighting.parameters == "all"
+    assert config.group_by_length is False
+    legacy = cli._train_config(cli._parser().parse_args(["train", "--weighting", "fixed"]))
+    assert legacy.method == "fixed"
+
+
+def test_cli_bad_set_is_one_error_line(capsys):
+    assert cli.main(["train", "--set", "metaweighting.eta"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "KEY=VALUE" in err[0]
+
+
 def test_cli_bad_paradigm_exits_1_with_one_error_line(capsys):
     assert cli.main(["train", "--paradigm", "x"]) == 1
     printed = capsys.readouterr()
