@@ -51,6 +51,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "metaweighting": {"method": "metaweighting", **ALL_TASKS},
     "normalized-joint (stream)": {"method": "fixed"},
     "single-steps 128": {"paradigm": "single", "method": "fixed", "total_steps": 128},
+    "single-steps 160": {"paradigm": "single", "method": "fixed", "total_steps": 160},
 }
 
 

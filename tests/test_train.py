@@ -438,6 +438,7 @@ def test_every_all_tasks_method_trains_on_real_corpora(real_corpora, tmp_path, c
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
 
 
+@pytest.mark.filterwarnings("ignore::pyxtask.data.tokenization.LongSequenceWarning")
 def test_mgda_ub_on_tasks_with_different_inputs_is_one_error_line(real_corpora, capsys):
     code = cli.main([*TINY_RUN, "--method", "mgda-ub", "--output", "/nonexistent/never"])
     printed = capsys.readouterr()
