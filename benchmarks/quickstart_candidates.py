@@ -57,7 +57,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", help="candidate names to run (default: all)")
+    parser.add_argument("--only", nargs="*", help="candidates to run, in this order (default: all)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--out", type=Path, default=HERE / "quickstart_candidates.json")
     args = parser.parse_args()
@@ -66,9 +66,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="pyxtask-candidates-"))
     tasks = None
     for seed in args.seeds:
-        for name, changes in CANDIDATES.items():
-            if args.only and name not in args.only:
-                continue
+        for name in args.only or CANDIDATES:
+            changes = CANDIDATES[name]
             config = from_mapping({**QUICKSTART, **changes, "seed": seed})
             if tasks is None or seed != tasks[0]:
                 tasks = (seed, load_tasks(config))
