@@ -69,8 +69,8 @@ def main() -> None:
         for name in args.only or CANDIDATES:
             changes = CANDIDATES[name]
             config = from_mapping({**QUICKSTART, **changes, "seed": seed})
-            if tasks is None or seed != tasks[0]:
-                tasks = (seed, load_tasks(config))
+            if tasks is None or seed != tasks[0]:  # every task, whatever the first run needs
+                tasks = (seed, load_tasks(from_mapping({**QUICKSTART, "seed": seed})))
             started = time.perf_counter()
             run = root / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
             summary = Trainer(config, run, progress=False, tasks=tasks[1]).fit()
