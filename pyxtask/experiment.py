@@ -29,10 +29,12 @@ class RunResult:
         """The runs side by side, ending with the main run's test gain over each baseline."""
         rows = [self.main, *self.baselines.values()]
         metric = self.main["metric"]
+        width = max(24, *(len(row["method"]) for row in rows))
         lines = [f"target {self.main['target']}, {metric} in %:"]
         for row in rows:
             lines.append(
-                f"  {row['method']:<24} dev {100 * row['dev']:6.2f}  test {100 * row['test']:6.2f}"
+                f"  {row['method']:<{width}} dev {100 * row['dev']:6.2f}"
+                f"  test {100 * row['test']:6.2f}"
                 f"  ({row['steps']} steps, {row['target_examples_seen']} target examples seen, "
                 f"{row['train_examples'][row['target']]} target sentences)"
             )
@@ -42,6 +44,13 @@ class RunResult:
                 for row in self.baselines.values()
             )
             lines.append(f"{self.main['method']} test {metric}: {gains} points")
+            # Which runs the main run beat on the split that picks configurations.
+            beaten = [r["method"] for r in self.baselines.values() if self.main["dev"] > r["dev"]]
+            above = [r["method"] for r in self.baselines.values() if self.main["dev"] <= r["dev"]]
+            verdict = f"on dev, {self.main['method']} beat " + (", ".join(beaten) or "none")
+            if above:
+                verdict += f"; it did not beat {', '.join(above)}"
+            lines.append(verdict)
         return "\n".join(lines)
 
 

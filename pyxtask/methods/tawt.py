@@ -185,6 +185,7 @@ class TAWTStepMethod(Method):
         self._tawt: TAWT | None = None
         self._similarity_sum: Tensor | None = None
         self._count = 0
+        self._last_stats: GradientStats | None = None
 
     @property
     def tawt(self) -> TAWT:
@@ -204,6 +205,7 @@ class TAWTStepMethod(Method):
 
     def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
         stats, losses = self.measured_backward(ctx, micro_batches, self.loss_factors())
+        self._last_stats = stats
         s = self.tawt.similarities(stats)
         self._similarity_sum = s if self._similarity_sum is None else self._similarity_sum + s
         self._count += 1
@@ -217,6 +219,8 @@ class TAWTStepMethod(Method):
         self._similarity_sum, self._count = None, 0
         self.updates = self.tawt.updates
         self.record(ctx)
+        if self._last_stats is not None:  # the cosines of the update's last step
+            log_similarity(ctx, self.updates, self._last_stats, s, own_reference=True)
 
     def weights(self) -> tuple[Tensor, Tensor]:
         return torch.tensor(self.loss_factors(), dtype=torch.float64), self.tawt.omega
