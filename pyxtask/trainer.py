@@ -365,7 +365,7 @@ class Trainer:
             ),
             initial=sampler.step // m,
             desc=f"{config.label} {phase.name} epoch {epoch + 1}/{phase.epochs}",
-            disable=not self.progress,
+            disable=None if self.progress else True,  # None: quiet when not a terminal
             leave=False,
         )
         steps = iter(sampler)
