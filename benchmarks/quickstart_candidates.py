@@ -43,6 +43,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "epochs": 16,
     },
     "tawt-step": {"method": "tawt-step", **ALL_TASKS},
+    # The paper's eta per update rather than per epoch: omega follows the cosines within steps.
+    "tawt-step, eta 8": {"method": "tawt-step", "tawt": {"lr": 8.0}, **ALL_TASKS},
     "equal": {"method": "equal", **ALL_TASKS},
     "mgda": {"method": "mgda", **ALL_TASKS},
     "mgda l2": {"method": "mgda", "mgda": {"normalization": "l2"}, **ALL_TASKS},
