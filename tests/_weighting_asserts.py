@@ -53,11 +53,8 @@ def scale_task(gram, losses, task, c, *, scale_loss=True):
     return gram, losses
 
 
-def assert_permutation_equivariant(weighting, gram, losses=None, *, perm, rtol, atol):
-    """``weighting(P gram P^T, P losses) == P weighting(gram, losses)``."""
-    assert weighting.permutation_equivariant, (
-        f"{weighting!r} declares it is not permutation-equivariant; test what it promises"
-    )
+def _assert_weights_follow(weighting, gram, losses, perm, rtol, atol):  # noqa: PLR0917
+    """Relabelling the tasks by ``perm`` relabels the weights the same way."""
     T = gram.shape[0]
     assert sorted(np.asarray(perm).tolist()) == list(range(T)), perm
     w = weighting(gram, losses)
@@ -65,19 +62,21 @@ def assert_permutation_equivariant(weighting, gram, losses=None, *, perm, rtol, 
     assert_finite_weights(w, T)
     assert_finite_weights(wp, T)
     np.testing.assert_allclose(as_array(wp), as_array(w)[np.asarray(perm)], rtol=rtol, atol=atol)
+
+
+def assert_permutation_equivariant(weighting, gram, losses=None, *, perm, rtol, atol):
+    """``weighting(P gram P^T, P losses) == P weighting(gram, losses)``."""
+    assert weighting.permutation_equivariant, (
+        f"{weighting!r} declares it is not permutation-equivariant; test what it promises"
+    )
+    _assert_weights_follow(weighting, gram, losses, perm, rtol, atol)
 
 
 def assert_source_permutation_equivariant(weighting, gram, losses=None, *, perm, rtol, atol):
     """Permuting tasks ``1..T-1`` (the sources) and keeping task 0 (the target) in place
     permutes the weights the same way."""
     assert int(np.asarray(perm)[0]) == 0, f"perm {perm} moves the target"
-    T = gram.shape[0]
-    assert sorted(np.asarray(perm).tolist()) == list(range(T)), perm
-    w = weighting(gram, losses)
-    wp = weighting(*permute_tasks(gram, losses, perm))
-    assert_finite_weights(w, T)
-    assert_finite_weights(wp, T)
-    np.testing.assert_allclose(as_array(wp), as_array(w)[np.asarray(perm)], rtol=rtol, atol=atol)
+    _assert_weights_follow(weighting, gram, losses, perm, rtol, atol)
 
 
 def assert_invariant_to_task_scaling(
