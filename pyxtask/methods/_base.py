@@ -273,7 +273,7 @@ class Method:
     :meth:`StepContext.record_weights` and counts them in :attr:`updates`.
     """
 
-    name: ClassVar[str] = "method"
+    name: str = "method"
     sampling: ClassVar[Sampling] = "one"
     #: Its weights change during training (every update is a row of ``weights.csv``).
     adaptive: ClassVar[bool] = False

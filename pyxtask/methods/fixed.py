@@ -34,7 +34,7 @@ class StreamMethod(Method):
             task's batch with probability ω_t, factor 1).
     """
 
-    name: ClassVar[str] = "fixed"
+    name = "fixed"
     sampling: ClassVar[Sampling] = "one"
 
     def __init__(
@@ -103,7 +103,7 @@ class StreamMethod(Method):
 class EqualMethod(Method):
     """Every task's batch in every step, each task's mean loss counting once (ω = 1/T)."""
 
-    name: ClassVar[str] = "equal"
+    name = "equal"
     sampling: ClassVar[Sampling] = "all"
 
     def bind(self, ctx: StepContext) -> None:

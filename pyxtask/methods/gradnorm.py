@@ -26,7 +26,7 @@ __all__ = ["GradNormMethod"]
 class GradNormMethod(Method):
     """GradNorm's step (see the module docs); ``lr`` is the weights' learning rate."""
 
-    name: ClassVar[str] = "gradnorm"
+    name = "gradnorm"
     sampling: ClassVar[Sampling] = "all"
     adaptive: ClassVar[bool] = True
 

@@ -44,7 +44,7 @@ class MetaWeightingMethod(Method):
             unbiased model-selection set).
     """
 
-    name: ClassVar[str] = "metaweighting"
+    name = "metaweighting"
     sampling: ClassVar[Sampling] = "all"
     adaptive: ClassVar[bool] = True
 

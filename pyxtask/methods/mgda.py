@@ -24,49 +24,28 @@ from pyxtask import ops
 from pyxtask.config import ConfigError
 from pyxtask.data import collate
 from pyxtask.evaluation import autocast
-from pyxtask.methods._base import Method, Sampling, Step, StepContext, backward_all, shares
+from pyxtask.methods._base import Sampling, Step, StepContext
+from pyxtask.methods.gram import GramMethod, loss_vector
 from pyxtask.weighting import MGDA
 
 __all__ = ["MGDAMethod", "MGDAUBMethod"]
 
 
-class MGDAMethod(Method):
+class MGDAMethod(GramMethod):
     """MGDA on the shared parameters' gradients (see the module docs)."""
 
-    name: ClassVar[str] = "mgda"
-    sampling: ClassVar[Sampling] = "all"
-    adaptive: ClassVar[bool] = True
-
     def __init__(self, normalization: str = "none") -> None:
-        super().__init__()
-        self.weighting = MGDA(normalization=cast(Any, normalization))
-        self._lambda: Tensor | None = None
-
-    def bind(self, ctx: StepContext) -> None:
-        self._lambda = torch.full((ctx.num_tasks,), 1.0 / ctx.num_tasks, dtype=torch.float64)
-
-    def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
-        grads = self.task_gradients(ctx, "buffer")
-        stats, losses = backward_all(ctx, micro_batches, grads, None)
-        gram = cast(Tensor, stats[-1].gram)
-        self._lambda = self.weighting(gram, _loss_vector(losses, ctx.num_tasks))
-        grads.combine(self._lambda * ctx.num_tasks)
-        self.updates += 1
-        return losses
-
-    def after_update(self, ctx: StepContext) -> None:
-        self.record(ctx)
-
-    def weights(self) -> tuple[Tensor, Tensor]:
-        lam = cast(Tensor, self._lambda)
-        return lam * lam.numel(), shares(lam)
+        super().__init__(MGDA(normalization=cast(Any, normalization)))
 
 
 class MGDAUBMethod(MGDAMethod):
     """MGDA-UB: the Gram of the gradients with respect to the shared representation."""
 
-    name: ClassVar[str] = "mgda-ub"
     sampling: ClassVar[Sampling] = "shared"
+
+    def __init__(self, normalization: str = "none") -> None:
+        super().__init__(normalization)
+        self.name = "mgda-ub"
 
     def bind(self, ctx: StepContext) -> None:
         super().bind(ctx)
@@ -98,14 +77,10 @@ class MGDAUBMethod(MGDAMethod):
             torch.autograd.grad(loss, hidden, retain_graph=True)[0].reshape(-1) for loss in losses
         ]
         gram = ops.gram(torch.stack(rep).float()).double().cpu()
-        self._lambda = self.weighting(gram, _loss_vector(values, T))
-        factors = (self._lambda * T).tolist()
+        self._factors = self.weighting(gram, loss_vector(values, T)) * T
+        factors = self._factors.tolist()
         torch.autograd.backward(
             torch.stack([f * loss for f, loss in zip(factors, losses, strict=True)]).sum()
         )
         self.updates += 1
         return values
-
-
-def _loss_vector(losses: dict[int, float], T: int) -> Tensor:
-    return torch.tensor([losses.get(t, 0.0) for t in range(T)], dtype=torch.float64)

@@ -34,7 +34,7 @@ __all__ = ["TAWTMethod", "TAWTStepMethod"]
 class TAWTMethod(StreamMethod):
     """TAWT with probe gradients (the paper's protocol); ``tawt`` is its weighting."""
 
-    name: ClassVar[str] = "tawt"
+    name = "tawt"
     adaptive: ClassVar[bool] = True
 
     def __init__(
@@ -171,7 +171,7 @@ class TAWTStepMethod(Method):
         update_every: steps between updates (default 1).
     """
 
-    name: ClassVar[str] = "tawt-step"
+    name = "tawt-step"
     sampling: ClassVar[Sampling] = "all"
     adaptive: ClassVar[bool] = True
 

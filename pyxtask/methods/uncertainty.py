@@ -22,7 +22,7 @@ __all__ = ["UncertaintyMethod"]
 class UncertaintyMethod(Method):
     """Learnable log variances; ``lr`` is their learning rate."""
 
-    name: ClassVar[str] = "uncertainty"
+    name = "uncertainty"
     sampling: ClassVar[Sampling] = "all"
     adaptive: ClassVar[bool] = True
 

@@ -14,7 +14,7 @@ of target-aware training) are not.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -36,6 +36,11 @@ class GramWeighting(ABC):
     #: Whether permuting the tasks (rows/columns of the Gram matrix, entries of the losses)
     #: permutes the weights the same way.
     permutation_equivariant: bool = True
+    #: How a training step turns the weights into loss factors. ``"mean"``: the weights
+    #: average the task gradients (equal tasks get 1/T), so the step multiplies them by T to
+    #: keep the plain summed-loss step's scale; ``"sum"``: they are loss factors as they are
+    #: (PCGrad's projected gradients are summed, Nash-MTL's alpha is its own scale).
+    scale: Literal["mean", "sum"] = "mean"
 
     @abstractmethod
     def __call__(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:
