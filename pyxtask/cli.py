@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
+from pyxtask.bench import add_arguments
+
 # Flags of `pyxtask train`: (flag, config key, type, help). A flag overrides the config file.
 _TRAIN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--target", "target", str, "target task, corpus.task (default wsj-pos.pos)"),
@@ -139,6 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     tag.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     tag.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    bench = commands.add_parser(
+        "bench",
+        help="time every method's step (and the peers') against the plain step; --ops: the ops",
+    )
+    add_arguments(bench)
 
     serve = commands.add_parser("serve", help="serve a bundle over HTTP (POST /v1/tag)")
     serve.add_argument("bundle")
@@ -296,6 +304,22 @@ def _serve(args: argparse.Namespace) -> None:
     )
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if args.ops:
+        from pyxtask.bench import ops  # noqa: PLC0415
+
+        device = "cuda" if args.device.startswith("cuda") else "cpu"
+        argv = ["--device", device, "--out", str(args.out / "bench_ops.json")]
+        return ops.main(argv + ["--quick"] * args.quick)
+    from pyxtask.bench import steps  # noqa: PLC0415
+
+    try:
+        return steps.run(args)
+    except ValueError as exc:  # a bad option value: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _train(args: argparse.Namespace) -> None:
     import transformers  # noqa: PLC0415
 
@@ -338,6 +362,8 @@ def _torch_command(args: argparse.Namespace) -> int:
     from pyxtask.serving.bundle import BundleError  # noqa: PLC0415
 
     try:
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "train":
             _train(args)
         elif args.command == "export":

@@ -458,3 +458,56 @@ def plot_run(run_dir: str | os.PathLike[str]) -> list[Path]:
         plot_learning_curves(run_dir),
     )
     return [path for path in written if path is not None]
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def _bench_figure(results: dict[str, Any]) -> Figure | None:
+    rows = [r for r in results.get("results", []) if r.get("ratio") is not None]
+    if not rows:
+        return None
+    names = [r["name"] for r in rows]
+    ratios = np.array([r["ratio"] for r in rows], dtype=np.float64)
+    memory = np.array([r.get("memory_ratio") or np.nan for r in rows], dtype=np.float64)
+    colors = {"baseline": "0.5", "peer": "tab:red", "contrast": "tab:orange"}
+    fig = _new_figure(10.0, 0.9 + 0.28 * len(rows))
+    time_ax, mem_ax = fig.subplots(1, 2, sharey=True, width_ratios=(3, 2))
+    y = np.arange(len(rows))
+    bar_colors = [colors.get(r["kind"], "tab:blue") for r in rows]
+    time_ax.barh(y, ratios, color=bar_colors)
+    mem_ax.barh(y, memory, color=bar_colors)
+    for ax, values, title in (
+        (time_ax, ratios, "step time / plain"),
+        (mem_ax, memory, "peak memory / plain"),
+    ):
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_title(title, fontsize=10)
+        for yi, v in zip(y, values, strict=True):
+            if np.isfinite(v):
+                ax.annotate(
+                    f"{v:.2f}x",
+                    (v, yi),
+                    xytext=(3, 0),
+                    textcoords="offset points",
+                    va="center",
+                    fontsize=7,
+                )
+    time_ax.set_yticks(y, names, fontsize=8)
+    time_ax.invert_yaxis()
+    work = results.get("workload", {})
+    fig.suptitle(
+        f"pyxtask bench: {work.get('encoder', '?')} encoder, T={work.get('num_tasks', '?')}, "
+        f"{work.get('batch', '?')}x{work.get('seq', '?')} per task, {work.get('device', '?')}"
+        f"{' bf16' if work.get('bf16') else ''}  (blue: pyxtask, red: peers)",
+        fontsize=10,
+    )
+    return fig
+
+
+def plot_bench(results_json: str | os.PathLike[str]) -> Path | None:
+    """``bench.png`` beside ``pyxtask bench``'s ``bench.json``: each contender's step time and
+    peak memory as ratios to the plain step (None when nothing was timed)."""
+    path = Path(results_json)
+    fig = _bench_figure(json.loads(path.read_text(encoding="utf-8")))
+    return None if fig is None else _save(fig, path.with_suffix(".png"))

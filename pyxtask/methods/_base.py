@@ -284,6 +284,10 @@ class Method:
     target_holdout: Literal["split", "dev"] = "split"
     #: Learning rate of :meth:`parameters` (their own optimizer group).
     lr: float = 1e-2
+    #: How :meth:`measured_backward` takes the per-task statistics: ``"auto"`` streams them
+    #: for one micro-batch and buffers several; ``"buffer"`` always fills the T x P buffer
+    #: (what ``pyxtask bench`` compares streaming against).
+    gradient_mode: Literal["auto", "buffer"] = "auto"
 
     def __init__(self) -> None:
         self.updates = 0
@@ -324,7 +328,7 @@ class Method:
         """``.grad = sum_t w_t g_t`` and the statistics of the step's own per-task gradients:
         streaming for one micro-batch; with several, the norms and dot products of their sum
         need the rows, so buffer mode."""
-        if len(micro_batches) == 1:
+        if len(micro_batches) == 1 and self.gradient_mode == "auto":
             grads = self.task_gradients(ctx, "streaming")
             stats, losses = backward_all(ctx, micro_batches, grads, weights)
             return stats[0], losses
