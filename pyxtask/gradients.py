@@ -42,6 +42,7 @@ __all__ = ["GradientStats", "NonFiniteGradientError", "TaskGradients"]
 
 Mode = Literal["buffer", "streaming"]
 _MODES = ("buffer", "streaming")
+_BUFFER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -104,6 +105,9 @@ class TaskGradients:
             gradients are scaled by the task's weight. Without them only φ is weighted.
         target: index of the target task, whose gradient is the default reference vector.
         task_names: names used in error messages (default ``task 0``, ``task 1``, …).
+        buffer_dtype: buffer mode, the dtype of the T x P rows (default: the parameters').
+            ``torch.bfloat16`` halves the buffer's memory and the Gram's reads; the Gram still
+            accumulates in fp32, and each entry carries bf16's 2^-8 relative rounding.
 
     >>> import torch
     >>> from pyxtask.gradients import TaskGradients
@@ -126,6 +130,7 @@ class TaskGradients:
         task_parameters: Sequence[Iterable[nn.Parameter | Tensor]] | None = None,
         target: int = 0,
         task_names: Sequence[str] | None = None,
+        buffer_dtype: torch.dtype | None = None,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {list(_MODES)}")
@@ -165,6 +170,10 @@ class TaskGradients:
             self._offsets.append(self._offsets[-1] + n)
         self._dtype = params[0].dtype
         self._device = params[0].device
+        if buffer_dtype is not None and buffer_dtype not in _BUFFER_DTYPES:
+            choices = [str(d) for d in _BUFFER_DTYPES]
+            raise ValueError(f"buffer_dtype must be one of {choices}, got {buffer_dtype}")
+        self._buffer_dtype = buffer_dtype or self._dtype
         self._buffer: Tensor | None = None
         # Buffer mode, between backward() and combine(): the .grad held before, and whether a
         # combination is still owed.
@@ -311,7 +320,7 @@ class TaskGradients:
         T = self.num_tasks
         if self._buffer is None:
             self._buffer = torch.empty(
-                T, self.num_parameters, dtype=self._dtype, device=self._device
+                T, self.num_parameters, dtype=self._buffer_dtype, device=self._device
             )
         G = self._buffer
         if not accumulate:
@@ -374,8 +383,9 @@ class TaskGradients:
         for p, before in zip(self._params, self._previous, strict=True):
             p.grad = torch.zeros_like(p) if before is None else before
             grads.append(p.grad)
+        # Weights in the parameters' dtype: a bf16 buffer must not also round the weights.
         ops.scatter_combination(
-            G, torch.tensor(w, dtype=G.dtype, device=G.device), grads, accumulate=True
+            G, torch.tensor(w, dtype=self._dtype, device=G.device), grads, accumulate=True
         )
         for t, group in enumerate(self._heads):
             for p, before in zip(group, self._head_grads_before[t], strict=True):

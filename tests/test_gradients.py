@@ -198,3 +198,41 @@ def test_bf16_autocast():
         stats = grads.backward(ls, [1.0, 1.0, 1.0])
     assert torch.isfinite(stats.sq_norms).all() and (stats.sq_norms > 0).all()
     assert all(p.grad.dtype == torch.float32 for p in model.shared_parameters())
+
+
+def test_bf16_buffer_rounds_rows_not_weights():
+    """A bf16 buffer holds each task's gradient rounded to bf16 (relative error <= 2^-8 per
+    entry); the Gram accumulates in fp32 and the combination uses fp32 weights, so both match
+    the fp32 computation on the rounded rows to fp32 accuracy."""
+    torch.manual_seed(0)
+    shared = torch.nn.Parameter(torch.randn(1000))
+    data = torch.randn(3, 1000)
+    losses = lambda: [(shared * d).sum() + (shared**2 * d).sum() for d in data]  # noqa: E731
+    exact = TaskGradients([shared], 3, mode="buffer")
+    exact_stats = exact.backward(losses())
+    rows = exact.buffer.clone()
+    exact.combine([0.5, 1.0 / 3.0, 2.0])
+    want = shared.grad.clone()
+    shared.grad = None
+    exact.close()
+
+    grads = TaskGradients([shared], 3, mode="buffer", buffer_dtype=torch.bfloat16)
+    stats = grads.backward(losses())
+    assert grads.buffer.dtype == torch.bfloat16
+    rounded = rows.bfloat16().double()
+    torch.testing.assert_close(grads.buffer.double(), rounded, rtol=0, atol=0)
+    torch.testing.assert_close(stats.gram, rounded @ rounded.T, rtol=1e-6, atol=1e-6)
+    # Against the unrounded Gram: each product carries two 2^-8 roundings.
+    scale = exact_stats.gram.diagonal().sqrt()
+    assert ((stats.gram - exact_stats.gram).abs() <= 2 * 2**-8 * torch.outer(scale, scale)).all()
+    grads.combine([0.5, 1.0 / 3.0, 2.0])
+    w = torch.tensor([0.5, 1.0 / 3.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(shared.grad.double(), w @ rounded, rtol=1e-6, atol=1e-6)
+    assert (shared.grad - want).abs().max() <= 2**-8 * (w.abs() @ rows.double().abs()).max()
+    grads.close()
+
+
+def test_buffer_dtype_must_be_floating():
+    shared = torch.nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match="buffer_dtype must be one of"):
+        TaskGradients([shared], 2, buffer_dtype=torch.int8)

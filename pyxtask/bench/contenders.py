@@ -102,12 +102,15 @@ def _context(work: Workload, model: MultiTaskModel, method: Method) -> StepConte
     return ctx
 
 
-def method_contender(work: Workload, name: str, *, buffer: bool = False) -> Contender:
-    """pyxtask's method ``name`` exactly as the trainer steps it (``buffer``: its per-task
-    statistics from the T x P buffer instead of streaming hooks)."""
+def method_contender(work: Workload, name: str, variant: str = "") -> Contender:
+    """pyxtask's method ``name`` exactly as the trainer steps it. ``variant``: "buffer" takes
+    its per-task statistics from the T x P buffer instead of streaming hooks; "bf16-buffer"
+    stores that buffer in bf16."""
     method = make_method(TrainConfig(method=name), 1.0)
-    if buffer:
+    if variant == "buffer":
         method.gradient_mode = "buffer"
+    elif variant == "bf16-buffer":
+        method.buffer_dtype = torch.bfloat16
     model = build_model(work)
     ctx = _context(work, model, method)
     method.bind(ctx)
@@ -131,7 +134,7 @@ def method_contender(work: Workload, name: str, *, buffer: bool = False) -> Cont
         method.after_update(ctx)
 
     kind = "stream" if method.sampling == "one" else "all"
-    label = f"{name}/buffer" if buffer else name
+    label = f"{name}/{variant}" if variant else name
     return Contender(label, kind, step, close=method.close, note=_NOTES.get(label, ""))
 
 
@@ -159,6 +162,7 @@ _NOTES = {
     "tawt-step/buffer": "T x P buffer, then the dot products",
     "gradnorm": "streaming norms in backward hooks",
     "gradnorm/buffer": "T x P buffer, then the norms",
+    "mgda/bf16-buffer": "the T x P buffer in bf16 (half its memory and reads)",
     "mgda": "T x P buffer, gram, min_norm_point, scatter",
     "mgda-ub": "one encoder pass; gradients w.r.t. the representation",
     "metaweighting": "support buffer + query pass after the step",

@@ -30,12 +30,16 @@ from typing import Any, cast
 
 import torch
 import transformers
+from torch import Tensor
 from tqdm import tqdm
 
 import pyxtask
-from pyxtask import checkpoint
+from pyxtask import checkpoint, ops
 from pyxtask.bench import add_arguments
-from pyxtask.methods import method_names
+from pyxtask.config import TrainConfig
+from pyxtask.gradients import TaskGradients
+from pyxtask.methods import make_method, method_names
+from pyxtask.methods.gram import GramMethod
 from pyxtask.plots import plot_bench
 
 from . import peers
@@ -45,8 +49,9 @@ from .contenders import (
     naive_contender,
     plain_contender,
     probe_contender,
+    task_losses,
 )
-from .workload import Workload
+from .workload import Workload, build_model
 
 __all__ = ["contender_names", "machine_info", "run"]
 
@@ -61,6 +66,8 @@ def contender_names(num_tasks: int = 4) -> list[str]:
         names.append(name)
         if name in STREAMING:
             names.append(f"{name}/buffer")
+        if name == "mgda":
+            names.append("mgda/bf16-buffer")
     return [*names, "tawt-update", *peers.peer_names()]
 
 
@@ -77,8 +84,8 @@ def build(work: Workload, name: str) -> Contender:
             return peers.torchjd_contender(work, weighting, variant)
         if name.startswith("libmtl:"):
             return peers.libmtl_contender(work, name.removeprefix("libmtl:"))
-        method, _, mode = name.partition("/")
-        return method_contender(work, method, buffer=mode == "buffer")
+        method, _, variant = name.partition("/")
+        return method_contender(work, method, variant)
     except Exception as exc:
         return Contender(name, "all", error=_one_line(exc))
 
@@ -218,6 +225,37 @@ def run_rounds(contenders: list[Contender], clock: Clock, reps: int) -> None:
                 c.samples.append(clock.time(c.step))
             except Exception as exc:
                 c.error = _one_line(exc)
+
+
+def bf16_buffer_effect(work: Workload) -> dict[str, dict[str, float]]:
+    """What storing the T x P buffer in bf16 does to each Gram method's weights, on one step's
+    real gradients: the largest weight change and the change of the combined direction
+    relative to its norm, ``||J^T (w - w16)|| / ||J^T w||`` (from the fp32 Gram)."""
+    model = build_model(work)
+    grads = TaskGradients(list(model.shared_parameters()), work.num_tasks, mode="buffer")
+    losses = task_losses(model, work)
+    grads.backward(losses)
+    G = cast(Tensor, grads.buffer)
+    gram32, gram16 = ops.gram(G).double().cpu(), ops.gram(G.bfloat16()).double().cpu()
+    values = torch.tensor([float(loss.detach()) for loss in losses], dtype=torch.float64)
+    grads.close()
+    out = {}
+    for name in method_names():
+        method = make_method(TrainConfig(method=name), 1.0)
+        if not isinstance(method, GramMethod):
+            continue
+        w = method.weighting(gram32, values)
+        fresh = make_method(TrainConfig(method=name), 1.0)  # stateful weightings start afresh
+        w16 = cast(GramMethod, fresh).weighting(gram16, values)
+        d = w - w16
+        norm = float(w @ gram32 @ w) ** 0.5
+        out[name] = {
+            "max_abs_weight_change": float(d.abs().max()),
+            "direction_change": float(max(float(d @ gram32 @ d), 0.0) ** 0.5 / norm)
+            if norm
+            else 0.0,
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +411,7 @@ def run(args: argparse.Namespace) -> int:
     for c in contenders:
         c.close()
     rows = [summarize(c, contenders[0], args.tasks) for c in contenders]
+    effect = bf16_buffer_effect(work)
     peer_speedups = speedups(rows)
     payload = {
         "machine": machine_info(device),
@@ -381,6 +420,7 @@ def run(args: argparse.Namespace) -> int:
         "elapsed_s": time.perf_counter() - start,
         "results": rows,
         "peer_speedups": peer_speedups,
+        "bf16_buffer_effect": effect,
     }
     print(
         f"\n== Step time and peak memory against the plain summed-loss step ({_describe(work)}; "
@@ -389,6 +429,12 @@ def run(args: argparse.Namespace) -> int:
     print_table(rows)
     for s in peer_speedups:
         print(f"  {s['peer']} / {s['method']}: {s['x']:.2f}x")
+    print("\n== A bf16 T x P buffer against fp32, same step: weight change, direction change")
+    for name, e in effect.items():
+        print(
+            f"  {name:<14} max |dw| {e['max_abs_weight_change']:.1e}   "
+            f"||J^T dw|| / ||J^T w|| {e['direction_change']:.1e}"
+        )
     write_results(payload, args.out)
     return 0
 

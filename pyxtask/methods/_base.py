@@ -112,7 +112,9 @@ class StepContext:
     def head_parameters(self, t: int) -> list[nn.Parameter]:
         return [p for p in self.model.task_parameters(self.tasks[t].head) if p.requires_grad]
 
-    def task_gradients(self, mode: Mode, parameters: str = "shared") -> TaskGradients:
+    def task_gradients(
+        self, mode: Mode, parameters: str = "shared", buffer_dtype: torch.dtype | None = None
+    ) -> TaskGradients:
         """Per-task gradients of the shared encoder (heads scaled by their task's weight), or
         with ``parameters="all"`` of every parameter, heads included, as one flat row."""
         names = self.task_names
@@ -120,11 +122,13 @@ class StepContext:
             every = self.shared_parameters() + [
                 p for t in range(self.num_tasks) for p in self.head_parameters(t)
             ]
-            return TaskGradients(every, self.num_tasks, mode=mode, task_names=names)
+            return TaskGradients(
+                every, self.num_tasks, mode=mode, task_names=names, buffer_dtype=buffer_dtype
+            )
         heads = [self.head_parameters(t) for t in range(self.num_tasks)]
         return TaskGradients(
             self.shared_parameters(), self.num_tasks, mode=mode, task_parameters=heads,
-            task_names=names,
+            task_names=names, buffer_dtype=buffer_dtype,
         )  # fmt: skip
 
     # -- losses --------------------------------------------------------------------------------
@@ -288,6 +292,8 @@ class Method:
     #: for one micro-batch and buffers several; ``"buffer"`` always fills the T x P buffer
     #: (what ``pyxtask bench`` compares streaming against).
     gradient_mode: Literal["auto", "buffer"] = "auto"
+    #: dtype of the T x P buffer's rows (None: the parameters'); bf16 halves its memory.
+    buffer_dtype: torch.dtype | None = None
 
     def __init__(self) -> None:
         self.updates = 0
@@ -319,7 +325,7 @@ class Method:
         """The method's :class:`TaskGradients` of that mode (made once: a buffer is T x P)."""
         key = (mode, parameters)
         if key not in self._task_gradients:
-            self._task_gradients[key] = ctx.task_gradients(mode, parameters)
+            self._task_gradients[key] = ctx.task_gradients(mode, parameters, self.buffer_dtype)
         return self._task_gradients[key]
 
     def measured_backward(
