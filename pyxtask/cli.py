@@ -315,7 +315,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     try:
         return steps.run(args)
-    except ValueError as exc:  # a bad option value: one line, no traceback
+    except steps.BenchOptionError as exc:  # a bad option value: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

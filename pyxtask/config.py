@@ -95,6 +95,43 @@ class UncertaintyConfig:
     lr: float = 0.01
 
 
+@dataclass
+class PCGradConfig:
+    #: The order each gradient visits the others in: "random" (the paper) or "index".
+    order: str = "random"
+    #: Seed of the random orders (reproducible runs; resumed with the checkpoint).
+    seed: int = 0
+
+
+@dataclass
+class AlignedMTLConfig:
+    #: The eigenvalue the aligned gradients are scaled to: "min" (paper), "median", "rmse".
+    scale_mode: str = "min"
+
+
+@dataclass
+class DWAConfig:
+    #: The softmax temperature of eq. 1 (paper: 2).
+    temperature: float = 2.0
+
+
+@dataclass
+class FAMOConfig:
+    #: Learning rate and weight decay of the logits' Adam (the official code's defaults).
+    lr: float = 0.025
+    gamma: float = 0.01
+    #: Losses after an update from the "same-batch" (paper; one extra forward) or the
+    #: "next-step" batch.
+    update_with: str = "same-batch"
+
+
+@dataclass
+class RLWConfig:
+    #: The distribution the weights' logits are drawn from (paper: standard normal).
+    distribution: str = "normal"
+    seed: int = 0
+
+
 #: The method tables of a configuration file and their dataclasses.
 SECTIONS: dict[str, type] = {
     "tawt": TAWTConfig,
@@ -102,6 +139,11 @@ SECTIONS: dict[str, type] = {
     "metaweighting": MetaWeightingConfig,
     "gradnorm": GradNormConfig,
     "uncertainty": UncertaintyConfig,
+    "pcgrad": PCGradConfig,
+    "aligned_mtl": AlignedMTLConfig,
+    "dwa": DWAConfig,
+    "famo": FAMOConfig,
+    "rlw": RLWConfig,
 }
 
 
@@ -157,6 +199,11 @@ class TrainConfig:
     metaweighting: MetaWeightingConfig = field(default_factory=MetaWeightingConfig)
     gradnorm: GradNormConfig = field(default_factory=GradNormConfig)
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
+    pcgrad: PCGradConfig = field(default_factory=PCGradConfig)
+    aligned_mtl: AlignedMTLConfig = field(default_factory=AlignedMTLConfig)
+    dwa: DWAConfig = field(default_factory=DWAConfig)
+    famo: FAMOConfig = field(default_factory=FAMOConfig)
+    rlw: RLWConfig = field(default_factory=RLWConfig)
     cache: str | None = None
 
     # -- derived -------------------------------------------------------------------------------
@@ -204,6 +251,11 @@ class TrainConfig:
         choice("epoch", self.epoch, EPOCHS)
         choice("tawt.similarity", self.tawt.similarity, ("cosine", "dot", "exact"))
         choice("tawt.gradients", self.tawt.gradients, ("streaming", "buffer"))
+        choice("pcgrad.order", self.pcgrad.order, ("random", "index"))
+        choice("aligned_mtl.scale_mode", self.aligned_mtl.scale_mode, ("min", "median", "rmse"))
+        choice("famo.update_with", self.famo.update_with, ("same-batch", "next-step"))
+        choice("rlw.distribution", self.rlw.distribution,
+               ("normal", "uniform", "dirichlet", "bernoulli"))  # fmt: skip
         for task in [self.target, *self.sources]:
             _check_task_name(task)
         if len(set(self.sources)) != len(self.sources) or self.target in self.sources:
@@ -284,6 +336,9 @@ class TrainConfig:
             ("gradnorm.alpha", self.gradnorm.alpha, 0.0, 100.0),
             ("gradnorm.lr", self.gradnorm.lr, 1e-12, 10.0),
             ("uncertainty.lr", self.uncertainty.lr, 1e-12, 10.0),
+            ("dwa.temperature", self.dwa.temperature, 1e-6, 1e6),
+            ("famo.lr", self.famo.lr, 1e-12, 10.0),
+            ("famo.gamma", self.famo.gamma, 0.0, 10.0),
         )
         for name, number, lo, hi in ranges:
             if not _is_number(number) or not lo <= float(cast(float, number)) <= hi:

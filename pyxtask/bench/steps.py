@@ -53,7 +53,12 @@ from .contenders import (
 )
 from .workload import Workload, build_model
 
-__all__ = ["contender_names", "machine_info", "run"]
+__all__ = ["BenchOptionError", "contender_names", "machine_info", "run"]
+
+
+class BenchOptionError(ValueError):
+    """An option of `pyxtask bench` that cannot work (reported as one line)."""
+
 
 #: Methods whose step statistics stream in backward hooks: also timed from the T x P buffer.
 STREAMING = ("tawt-step", "gradnorm")
@@ -300,7 +305,7 @@ def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def print_table(rows: list[dict[str, Any]], out: Any = sys.stdout) -> None:
+def print_table(rows: list[dict[str, Any]]) -> None:
     head = ["contender", "ms/step", "x plain", "paired", "peak MB", "x mem", "what"]
     cells = [head]
     for r in rows:
@@ -325,9 +330,9 @@ def print_table(rows: list[dict[str, Any]], out: Any = sys.stdout) -> None:
             c.rjust(w) if 0 < j < 6 else c.ljust(w)
             for j, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
-        print("  ".join(text).rstrip(), file=out)
+        print("  ".join(text).rstrip())
         if i == 0:
-            print("  ".join("-" * w for w in widths), file=out)
+            print("  ".join("-" * w for w in widths))
 
 
 def _ratio(x: float | None) -> str:
@@ -374,7 +379,9 @@ def selected(args: argparse.Namespace) -> list[str]:
         wanted = {n.strip() for n in args.only.split(",") if n.strip()}
         unknown = sorted(wanted - set(every))
         if unknown:
-            raise ValueError(f"--only: unknown contenders {unknown}; see `pyxtask bench --list`")
+            raise BenchOptionError(
+                f"--only: unknown contenders {unknown}; see `pyxtask bench --list`"
+            )
         return [n for n in every if n == "plain" or n in wanted]
     if args.no_peers:
         return [n for n in every if ":" not in n]
@@ -386,14 +393,17 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(contender_names(args.tasks)))
         return 0
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise BenchOptionError(f"--device {args.device!r}: expected cpu or cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+        raise BenchOptionError(f"--device {args.device}: CUDA is not available on this machine")
     if not 1 <= args.tasks <= 64:
-        raise ValueError(f"--tasks must be between 1 and 64, got {args.tasks}")
+        raise BenchOptionError(f"--tasks must be between 1 and 64, got {args.tasks}")
     bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
     if bf16 and device.type != "cuda":
-        raise ValueError("--dtype bf16: bf16 autocast is for GPUs; use fp32 on the CPU")
+        raise BenchOptionError("--dtype bf16: bf16 autocast is for GPUs; use fp32 on the CPU")
     if args.threads:
         torch.set_num_threads(args.threads)
     names = selected(args)

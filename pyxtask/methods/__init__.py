@@ -12,7 +12,19 @@
 ``metaweighting``         weights from held-out query losses (Mao et al., Alg. 1)
 ``gradnorm``              learnable weights balancing gradient norms (Chen et al. 2018)
 ``uncertainty``           learnable log variances (Kendall et al. 2018)
+``upgrad`` ``dualproj``   projections onto the dual cone of the task gradients (Quinton &
+                          Rakotomamonjy 2024; GEM's eq. 11)
+``pcgrad``                gradient surgery: conflicting gradients projected (Yu et al. 2020)
+``cagrad``                conflict-averse direction near the mean gradient (Liu et al. 2021)
+``imtl-g``                equal projections on every unit task gradient (Liu et al. 2021)
+``aligned-mtl``           gradients aligned to condition number 1 (Senushkin et al. 2023)
+``nash-mtl``              the Nash bargaining solution (Navon et al. 2022)
+``dwa`` ``famo`` ``rlw``  loss weights: dynamic weight average (Liu et al. 2019), fast
+                          adaptive (Liu et al. 2023), random (Lin et al. 2022)
 ========================  =====================================================================
+
+``mgda``, ``upgrad``, ``pcgrad`` … are each a :class:`GramMethod` around a weighting of the
+Gram matrix; ``dwa``, ``famo``, ``rlw`` a :class:`LossWeightedMethod` around a loss weighting.
 
 A new method is a :class:`Method` subclass registered with :func:`register_method`; then
 ``pyxtask train --method NAME`` and configuration files select it (see ``docs/``).
@@ -26,11 +38,25 @@ from typing import TYPE_CHECKING, Any, cast
 from pyxtask.methods._base import Method, Sampling, Step, StepContext, backward_all, shares
 from pyxtask.methods.fixed import EqualMethod, StreamMethod
 from pyxtask.methods.gradnorm import GradNormMethod
+from pyxtask.methods.gram import GramMethod
+from pyxtask.methods.loss_weighted import LossWeightedMethod
 from pyxtask.methods.metaweighting import MetaWeightingMethod
 from pyxtask.methods.mgda import MGDAMethod, MGDAUBMethod
 from pyxtask.methods.tawt import TAWTMethod, TAWTStepMethod
 from pyxtask.methods.uncertainty import UncertaintyMethod
-from pyxtask.weighting import TAWT, SampleSize, TargetOnly, Uniform, Weighting
+from pyxtask.weighting import (
+    DWA,
+    FAMO,
+    IMTLG,
+    RLW,
+    TAWT,
+    AlignedMTL,
+    PCGrad,
+    SampleSize,
+    TargetOnly,
+    Uniform,
+    Weighting,
+)
 
 if TYPE_CHECKING:
     from pyxtask.config import TrainConfig
@@ -38,6 +64,8 @@ if TYPE_CHECKING:
 __all__ = [
     "EqualMethod",
     "GradNormMethod",
+    "GramMethod",
+    "LossWeightedMethod",
     "MGDAMethod",
     "MGDAUBMethod",
     "MetaWeightingMethod",
@@ -111,6 +139,26 @@ _REGISTRY: dict[str, MethodFactory] = {
         alpha=config.gradnorm.alpha, lr=config.gradnorm.lr
     ),
     "uncertainty": lambda config, c: UncertaintyMethod(lr=config.uncertainty.lr),
+    "pcgrad": lambda config, c: GramMethod(
+        PCGrad(seed=config.pcgrad.seed)
+        if config.pcgrad.order == "random"
+        else PCGrad(cast(Any, config.pcgrad.order))
+    ),
+    "imtl-g": lambda config, c: GramMethod(IMTLG()),
+    "aligned-mtl": lambda config, c: GramMethod(
+        AlignedMTL(cast(Any, config.aligned_mtl.scale_mode))
+    ),
+    "dwa": lambda config, c: LossWeightedMethod(
+        lambda T: DWA(T, temperature=config.dwa.temperature), "dwa"
+    ),
+    "famo": lambda config, c: LossWeightedMethod(
+        lambda T: FAMO(T, lr=config.famo.lr, gamma=config.famo.gamma),
+        "famo",
+        update_with=cast(Any, config.famo.update_with),
+    ),
+    "rlw": lambda config, c: LossWeightedMethod(
+        lambda T: RLW(T, cast(Any, config.rlw.distribution), seed=config.rlw.seed), "rlw"
+    ),
 }
 
 

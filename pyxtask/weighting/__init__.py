@@ -8,7 +8,10 @@ Weightings from other papers: :class:`MGDA` (min-norm weights of the task gradie
 :class:`GramWeighting`: T weights from the T x T Gram matrix of the task gradients),
 :class:`MetaWeighting` (multi-objective hypergradient descent on the weights),
 :class:`GradNorm` (weights that balance the tasks' gradient norms) and :class:`Uncertainty`
-(learnt homoscedastic-uncertainty weights).
+(learnt homoscedastic-uncertainty weights); more Gram weightings — :class:`UPGrad`,
+:class:`DualProj`, :class:`PCGrad`, :class:`CAGrad`, :class:`IMTLG`, :class:`AlignedMTL`,
+:class:`NashMTL` — and the loss weightings (:class:`LossWeighting`) :class:`DWA`,
+:class:`FAMO` and :class:`RLW`.
 
 >>> import torch
 >>> from pyxtask.weighting import MGDA, SampleSize
@@ -20,9 +23,16 @@ tensor([0.5000, 0.5000], dtype=torch.float64)
 
 from pyxtask.weighting._base import PARADIGMS, Paradigm, Weighting
 from pyxtask.weighting._gram import GramWeighting
+from pyxtask.weighting._loss import LossWeighting
+from pyxtask.weighting.aligned_mtl import AlignedMTL
+from pyxtask.weighting.dwa import DWA
+from pyxtask.weighting.famo import FAMO
 from pyxtask.weighting.gradnorm import GradNorm
+from pyxtask.weighting.imtl_g import IMTLG
 from pyxtask.weighting.metaweighting import MetaWeighting
 from pyxtask.weighting.mgda import MGDA
+from pyxtask.weighting.pcgrad import PCGrad
+from pyxtask.weighting.rlw import RLW
 from pyxtask.weighting.sample_size import SampleSize
 from pyxtask.weighting.target_only import TargetOnly
 from pyxtask.weighting.tawt import SIMILARITIES, TAWT, Similarity, exact_reference
@@ -30,13 +40,20 @@ from pyxtask.weighting.uncertainty import Uncertainty
 from pyxtask.weighting.uniform import Uniform
 
 __all__ = [
+    "DWA",
+    "FAMO",
+    "IMTLG",
     "MGDA",
     "PARADIGMS",
+    "RLW",
     "SIMILARITIES",
     "TAWT",
+    "AlignedMTL",
     "GradNorm",
     "GramWeighting",
+    "LossWeighting",
     "MetaWeighting",
+    "PCGrad",
     "Paradigm",
     "SampleSize",
     "Similarity",
