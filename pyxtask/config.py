@@ -104,6 +104,20 @@ class PCGradConfig:
 
 
 @dataclass
+class CAGradConfig:
+    #: The radius of the ball around the mean gradient, in units of its norm (paper: 0.4).
+    c: float = 0.4
+
+
+@dataclass
+class NashMTLConfig:
+    #: The bargaining direction is clipped to this norm (the authors' code: 1.0).
+    max_norm: float = 1.0
+    #: Solve for alpha every N steps and reuse it in between (the authors' code: 1).
+    update_every: int = 1
+
+
+@dataclass
 class AlignedMTLConfig:
     #: The eigenvalue the aligned gradients are scaled to: "min" (paper), "median", "rmse".
     scale_mode: str = "min"
@@ -140,6 +154,8 @@ SECTIONS: dict[str, type] = {
     "gradnorm": GradNormConfig,
     "uncertainty": UncertaintyConfig,
     "pcgrad": PCGradConfig,
+    "cagrad": CAGradConfig,
+    "nash_mtl": NashMTLConfig,
     "aligned_mtl": AlignedMTLConfig,
     "dwa": DWAConfig,
     "famo": FAMOConfig,
@@ -200,6 +216,8 @@ class TrainConfig:
     gradnorm: GradNormConfig = field(default_factory=GradNormConfig)
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     pcgrad: PCGradConfig = field(default_factory=PCGradConfig)
+    cagrad: CAGradConfig = field(default_factory=CAGradConfig)
+    nash_mtl: NashMTLConfig = field(default_factory=NashMTLConfig)
     aligned_mtl: AlignedMTLConfig = field(default_factory=AlignedMTLConfig)
     dwa: DWAConfig = field(default_factory=DWAConfig)
     famo: FAMOConfig = field(default_factory=FAMOConfig)
@@ -337,6 +355,9 @@ class TrainConfig:
             ("gradnorm.lr", self.gradnorm.lr, 1e-12, 10.0),
             ("uncertainty.lr", self.uncertainty.lr, 1e-12, 10.0),
             ("dwa.temperature", self.dwa.temperature, 1e-6, 1e6),
+            ("cagrad.c", self.cagrad.c, 0.0, 1e3),
+            ("nash_mtl.max_norm", self.nash_mtl.max_norm, 0.0, 1e6),
+            ("nash_mtl.update_every", self.nash_mtl.update_every, 1, 1e9),
             ("famo.lr", self.famo.lr, 1e-12, 10.0),
             ("famo.gamma", self.famo.gamma, 0.0, 10.0),
         )

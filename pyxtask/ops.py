@@ -16,12 +16,15 @@ __all__ = [
     "MAX_TASKS",
     "OP_NAMES",
     "add_scaled_",
+    "cagrad_inner",
     "cosine_matrix",
     "cross_gram",
+    "dual_cone_projection",
     "gather_flat",
     "gram",
     "min_norm_point",
     "mirror_descent_step",
+    "nash_bargaining",
     "scatter_combination",
 ]
 
@@ -38,6 +41,9 @@ OP_NAMES = (
     "add_scaled_",
     "mirror_descent_step",
     "min_norm_point",
+    "dual_cone_projection",
+    "nash_bargaining",
+    "cagrad_inner",
 )
 
 
@@ -166,3 +172,89 @@ def min_norm_point(
     """
     out: Tensor = torch.ops.pyxtask.min_norm_point(M, int(max_iter), float(tol), method)
     return out
+
+
+def dual_cone_projection(
+    M: Tensor, U: Tensor, max_iter: int = 1000, tol: float = 1e-12
+) -> tuple[Tensor, Tensor]:
+    """For each row ``u`` of ``U``: ``argmin_v v @ M @ v`` subject to ``v >= u``.
+
+    With ``M = J @ J.T`` this gives the weights of the projection of ``J.T @ u`` onto the dual
+    cone of the rows of J, ``{x : J @ x >= 0}`` (Quinton & Rakotomamonjy 2024, "Jacobian
+    Descent for Multi-Objective Optimization", Prop. 1): UPGrad projects each ``e_i / T``,
+    DualProj the mean. ``U`` is a vector of T weights or a K x T matrix; M must be symmetric
+    positive semi-definite and may be singular (v is then not unique, ``J.T @ v`` is).
+
+    Solved exactly by Lawson-Hanson NNLS on ``v = u + x, x >= 0``, a projected Gauss-Seidel
+    polish taking over if ``max_iter`` outer steps do not finish. Returns ``(V, residual)``:
+    V (float64, U's shape) and per row the relative KKT residual, the largest violation of
+    ``(M v)_i >= 0`` (and ``= 0`` where ``v_i > u_i``) over ``sqrt(M_ii) sum_j sqrt(M_jj) |v_j|``;
+    it stays at rounding level (~1e-15) when the solve succeeded. On a GPU the rows are solved
+    in parallel on the device.
+
+    >>> import torch, pyxtask
+    >>> M = torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=torch.float64)
+    >>> V, residual = pyxtask.ops.dual_cone_projection(M, torch.eye(2, dtype=torch.float64) / 2)
+    >>> V
+    tensor([[0.5000, 0.2500],
+            [0.2500, 0.5000]], dtype=torch.float64)
+    >>> bool((residual < 1e-12).all())
+    True
+    """
+    V, residual = torch.ops.pyxtask.dual_cone_projection(M, U, int(max_iter), float(tol))
+    return V, residual
+
+
+def nash_bargaining(
+    M: Tensor, init: Tensor | None = None, max_iter: int = 100, tol: float = 1e-12
+) -> tuple[Tensor, Tensor]:
+    """Nash-MTL's bargaining weights: ``alpha > 0`` with ``(M @ alpha)_i = 1 / alpha_i`` for all i.
+
+    Navon et al. 2022, "Multi-Task Learning as a Bargaining Game", eq. (3) / Thm 3.1. These are
+    the stationarity conditions of the strictly convex ``1/2 alpha @ M @ alpha - sum(log(alpha))``,
+    which damped Newton minimises from ``init`` (a warm start, used when it is the better
+    start) or ``1 / sqrt(diag(M))``; iterates do not depend on how the tasks are scaled.
+
+    A solution exists, and is unique, iff no non-negative combination of the gradients is zero
+    (the min-norm point of their hull is not the origin). When there is none, ``alpha`` solves
+    ``(M + 1e-8 diag(max(M_ii, 1e-8 max_j M_jj))) alpha = 1 / alpha`` instead (a private
+    direction per task; finite, task-scale invariant). Returns ``(alpha, residual)``, both
+    float64, with ``residual = max_i |alpha_i (M @ alpha)_i - 1|`` measured on M itself:
+    rounding level for a solution, of order one when there is none. ``M = 0`` gives ones
+    and residual 1.
+
+    >>> import torch, pyxtask
+    >>> alpha, residual = pyxtask.ops.nash_bargaining(torch.diag(torch.tensor([1.0, 4.0])))
+    >>> alpha
+    tensor([1.0000, 0.5000], dtype=torch.float64)
+    >>> float(residual) < 1e-12
+    True
+    """
+    alpha, residual = torch.ops.pyxtask.nash_bargaining(M, init, int(max_iter), float(tol))
+    return alpha, residual
+
+
+def cagrad_inner(
+    M: Tensor, c: float, max_iter: int = 1000, tol: float = 1e-12
+) -> tuple[Tensor, Tensor]:
+    """CAGrad's inner problem: ``argmin`` over the simplex of ``w M b + sqrt_phi sqrt(w M w)``.
+
+    Liu et al. 2021, "Conflict-Averse Gradient Descent for Multi-task Learning", Sec. 3 / Alg. 1,
+    with ``b = 1/T`` and ``sqrt_phi = c * sqrt(b @ M @ b)``. Solved as a root search over the
+    shift ``kappa`` at which the min-norm point ``w`` of ``{g_i + kappa g0}`` has
+    ``||J.T @ w|| = sqrt_phi * kappa``, each step an exact Lawson-Hanson NNLS. When the origin
+    is in the gradients' hull and the optimum is the kink ``J.T @ w = 0``, w is the min-norm
+    point. Returns ``(w, residual)``, float64: the relative KKT residual (or, at a kink,
+    ``||J.T @ w|| / max_i ||g_i||``, which rounding keeps near 1e-8). CAGrad's combination is
+    ``b + sqrt_phi / ||J.T @ w|| * w``.
+
+    Two orthogonal gradients of norms 1 and 2: the conflict-averse correction leans entirely
+    on the weaker task.
+
+    >>> import torch, pyxtask
+    >>> w, residual = pyxtask.ops.cagrad_inner(torch.tensor([[1.0, 0.0], [0.0, 4.0]]), 0.4)
+    >>> w
+    tensor([1., 0.], dtype=torch.float64)
+    """
+    w, residual = torch.ops.pyxtask.cagrad_inner(M, float(c), int(max_iter), float(tol))
+    return w, residual

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -146,3 +147,89 @@ def min_norm_point_reference(
             lam[a] = 0.0 if step >= g_max else lam[a] - step
         lam = lam.clamp_min(0)
     return lam / lam.sum()
+
+
+def _gram_factor(M: Tensor) -> Tensor:
+    """L (T x T) with ``L @ L.T = M``, negative rounding eigenvalues clipped to zero."""
+    m = M.double()
+    m = (m + m.T) / 2
+    evals, evecs = torch.linalg.eigh(m)
+    factor: Tensor = evecs * evals.clamp_min(0).sqrt()
+    return factor
+
+
+def dual_cone_projection_reference(
+    M: Tensor, U: Tensor, max_iter: int = 1000, tol: float = 1e-12
+) -> Tensor:
+    """``argmin v^T M v`` s.t. ``v >= u`` per row of U, by SciPy's NNLS on a factor of M.
+
+    With ``M = L L^T`` and ``v = u + x``: ``min_{x >= 0} ||L^T x + L^T u||``, which Lawson-Hanson
+    (scipy.optimize.nnls) solves on the factor rather than on M's normal equations as the op
+    does. Returns V only; v is not unique when M is singular, ``L^T v`` is.
+    """
+    import scipy.optimize  # noqa: PLC0415  (SciPy is a test extra, not a dependency)
+
+    L = _gram_factor(M).numpy()
+    u2 = np.atleast_2d(U.double().numpy())
+    rows = []
+    for u in u2:
+        x, _ = scipy.optimize.nnls(L.T, -(L.T @ u), maxiter=max(max_iter, 50 * len(u)))
+        rows.append(u + x)
+    return torch.from_numpy(np.stack(rows)).reshape(U.shape)
+
+
+def nash_bargaining_reference(
+    M: Tensor, init: Tensor | None = None, max_iter: int = 100, tol: float = 1e-12
+) -> Tensor:
+    """Plain damped Newton on ``1/2 a^T M a - sum(log a)`` from ``init`` or ones, in float64.
+
+    The textbook iteration without the op's task-scaled start, scaled factorisation or
+    fallback: it is the oracle only where a solution exists.
+    """
+    m = M.double()
+    a = torch.ones(m.shape[0], dtype=torch.float64) if init is None else init.double().clone()
+    for _ in range(max_iter):
+        grad = m @ a - 1 / a
+        if float((a * (m @ a) - 1).abs().max()) <= tol:
+            break
+        step = -torch.linalg.solve(m + torch.diag(1 / a**2), grad)
+        lam = abs(float(grad @ step)) ** 0.5
+        a = a + (1.0 if lam <= 0.25 else 1.0 / (1.0 + lam)) * step
+    return a
+
+
+def cagrad_inner_reference(M: Tensor, c: float, max_iter: int = 1000, tol: float = 1e-12) -> Tensor:
+    """CAGrad's inner w by bisection on the shift kappa, each min-norm point from SciPy's NNLS.
+
+    The op's characterisation (||J^T w_kappa|| = s kappa at the optimum, with w_kappa the
+    min-norm point of conv{g_i + kappa g0}) solved the slow, obvious way: 200 bisections in
+    log kappa, the min-norm point of a lifted factor by scipy.optimize.nnls.
+    """
+    import scipy.optimize  # noqa: PLC0415  (SciPy is a test extra, not a dependency)
+
+    L = _gram_factor(M).numpy()
+    T = L.shape[0]
+    g0 = L.T @ np.full(T, 1.0 / T)
+    s = c * float(np.linalg.norm(g0))
+    if T == 1 or s <= 0:
+        return torch.full((T,), 1.0 / T, dtype=torch.float64)
+
+    def min_norm(kappa: float) -> np.ndarray:
+        H = (L + kappa * g0).T
+        lift = float(np.abs(H).max()) or 1.0
+        E = np.vstack([H, np.full((1, T), lift)])
+        d = np.zeros(E.shape[0])
+        d[-1] = lift
+        mu, _ = scipy.optimize.nnls(E, d, maxiter=100 * T)
+        return np.asarray(mu / mu.sum())
+
+    top = float(np.sqrt(np.diag(L @ L.T).max()))
+    lo, hi = 1e-15 * top / s, 1e3 * top / s
+    for _ in range(200):
+        mid = float(np.sqrt(lo * hi))
+        w = min_norm(mid)
+        if np.linalg.norm(L.T @ w) > s * mid:
+            lo = mid
+        else:
+            hi = mid
+    return torch.from_numpy(min_norm(hi))

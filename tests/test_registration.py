@@ -47,6 +47,11 @@ def opcheck_cases():
     yield "mirror_descent_step", (torch.rand(9, generator=g), torch.randn(9, generator=g), 1.0), {}
     yield "min_norm_point", (M, 1000, 1e-12, "away"), {}
     yield "min_norm_point", (M.double(), 1000, 1e-12, "plain"), {}
+    yield "dual_cone_projection", (M, torch.eye(5) / 5, 1000, 1e-12), {}
+    yield "dual_cone_projection", (M.double(), torch.full((5,), 0.2), 1000, 1e-12), {}
+    yield "nash_bargaining", (M, None, 100, 1e-12), {}
+    yield "nash_bargaining", (M.double(), torch.ones(5), 100, 1e-12), {}
+    yield "cagrad_inner", (M, 0.4, 1000, 1e-12), {}
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,13 @@ TORCH_LIBRARY(pyxtask, m) {
   m.def(
       "min_norm_point(Tensor M, int max_iter=10000, float tol=1e-12, str method=\"away\") "
       "-> Tensor");
+  m.def(
+      "dual_cone_projection(Tensor M, Tensor U, int max_iter=1000, float tol=1e-12) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "nash_bargaining(Tensor M, Tensor? init=None, int max_iter=100, float tol=1e-12) "
+      "-> (Tensor, Tensor)");
+  m.def("cagrad_inner(Tensor M, float c, int max_iter=1000, float tol=1e-12) -> (Tensor, Tensor)");
 }
 
 namespace pyxtask {
@@ -73,6 +80,30 @@ at::Tensor min_norm_point(const at::Tensor& M, int64_t max_iter, double tol,
   static auto op = find_op<at::Tensor(const at::Tensor&, int64_t, double, c10::string_view)>(
       "pyxtask::min_norm_point");
   return op.call(M, max_iter, tol, method);
+}
+
+std::tuple<at::Tensor, at::Tensor> dual_cone_projection(const at::Tensor& M, const at::Tensor& U,
+                                                        int64_t max_iter, double tol) {
+  static auto op = find_op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, int64_t, double)>("pyxtask::dual_cone_projection");
+  return op.call(M, U, max_iter, tol);
+}
+
+std::tuple<at::Tensor, at::Tensor> nash_bargaining(const at::Tensor& M,
+                                                   const std::optional<at::Tensor>& init,
+                                                   int64_t max_iter, double tol) {
+  static auto op = find_op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double)>(
+      "pyxtask::nash_bargaining");
+  return op.call(M, init, max_iter, tol);
+}
+
+std::tuple<at::Tensor, at::Tensor> cagrad_inner(const at::Tensor& M, double c, int64_t max_iter,
+                                                double tol) {
+  static auto op =
+      find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, int64_t, double)>(
+          "pyxtask::cagrad_inner");
+  return op.call(M, c, max_iter, tol);
 }
 
 }  // namespace pyxtask

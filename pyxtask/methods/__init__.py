@@ -51,10 +51,14 @@ from pyxtask.weighting import (
     RLW,
     TAWT,
     AlignedMTL,
+    CAGrad,
+    DualProj,
+    NashMTL,
     PCGrad,
     SampleSize,
     TargetOnly,
     Uniform,
+    UPGrad,
     Weighting,
 )
 
@@ -139,6 +143,12 @@ _REGISTRY: dict[str, MethodFactory] = {
         alpha=config.gradnorm.alpha, lr=config.gradnorm.lr
     ),
     "uncertainty": lambda config, c: UncertaintyMethod(lr=config.uncertainty.lr),
+    "upgrad": lambda config, c: GramMethod(UPGrad()),
+    "dualproj": lambda config, c: GramMethod(DualProj()),
+    "cagrad": lambda config, c: GramMethod(CAGrad(config.cagrad.c)),
+    "nash-mtl": lambda config, c: GramMethod(
+        NashMTL(config.nash_mtl.max_norm, config.nash_mtl.update_every)
+    ),
     "pcgrad": lambda config, c: GramMethod(
         PCGrad(seed=config.pcgrad.seed)
         if config.pcgrad.order == "random"

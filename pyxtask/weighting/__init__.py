@@ -25,12 +25,15 @@ from pyxtask.weighting._base import PARADIGMS, Paradigm, Weighting
 from pyxtask.weighting._gram import GramWeighting
 from pyxtask.weighting._loss import LossWeighting
 from pyxtask.weighting.aligned_mtl import AlignedMTL
+from pyxtask.weighting.cagrad import CAGrad
+from pyxtask.weighting.dualproj import DualProj
 from pyxtask.weighting.dwa import DWA
 from pyxtask.weighting.famo import FAMO
 from pyxtask.weighting.gradnorm import GradNorm
 from pyxtask.weighting.imtl_g import IMTLG
 from pyxtask.weighting.metaweighting import MetaWeighting
 from pyxtask.weighting.mgda import MGDA
+from pyxtask.weighting.nash_mtl import NashMTL
 from pyxtask.weighting.pcgrad import PCGrad
 from pyxtask.weighting.rlw import RLW
 from pyxtask.weighting.sample_size import SampleSize
@@ -38,6 +41,7 @@ from pyxtask.weighting.target_only import TargetOnly
 from pyxtask.weighting.tawt import SIMILARITIES, TAWT, Similarity, exact_reference
 from pyxtask.weighting.uncertainty import Uncertainty
 from pyxtask.weighting.uniform import Uniform
+from pyxtask.weighting.upgrad import UPGrad
 
 __all__ = [
     "DWA",
@@ -49,15 +53,19 @@ __all__ = [
     "SIMILARITIES",
     "TAWT",
     "AlignedMTL",
+    "CAGrad",
+    "DualProj",
     "GradNorm",
     "GramWeighting",
     "LossWeighting",
     "MetaWeighting",
+    "NashMTL",
     "PCGrad",
     "Paradigm",
     "SampleSize",
     "Similarity",
     "TargetOnly",
+    "UPGrad",
     "Uncertainty",
     "Uniform",
     "Weighting",

@@ -7,6 +7,8 @@
 #include <c10/util/string_view.h>
 
 #include <cstdint>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 namespace pyxtask {
@@ -37,5 +39,26 @@ at::Tensor mirror_descent_step(const at::Tensor& weights, const at::Tensor& grad
 // Frank-Wolfe, the default), "pairwise" or "plain" (MetaWeighting Alg. 2).
 at::Tensor min_norm_point(const at::Tensor& M, int64_t max_iter, double tol,
                           c10::string_view method);
+
+// Solvers on a T x T Gram matrix M = J J^T of per-task gradients (gram_solvers). Each takes
+// float32/64 (or half) input and returns float64 results plus a float64 residual, so that a
+// caller can tell an answer from an approximation; none of them syncs with the host.
+//
+// For each row u of U (K x T, or a vector of T): argmin_v v^T M v s.t. v >= u, i.e. the
+// weights of the projection of J^T u onto the dual cone of the rows of J (UPGrad, DualProj).
+// Returns V (U's shape) and, per row, the relative KKT residual.
+std::tuple<at::Tensor, at::Tensor> dual_cone_projection(const at::Tensor& M, const at::Tensor& U,
+                                                        int64_t max_iter, double tol);
+// Nash-MTL's bargaining solution: alpha > 0 with M alpha = 1 / alpha, by damped Newton from
+// init (or 1 / sqrt(diag M)). Returns alpha and max_i |alpha_i (M alpha)_i - 1|; when no
+// solution exists (a non-negative combination of the gradients is zero) alpha solves a
+// slightly ridged system and the residual is of order one.
+std::tuple<at::Tensor, at::Tensor> nash_bargaining(const at::Tensor& M,
+                                                   const std::optional<at::Tensor>& init,
+                                                   int64_t max_iter, double tol);
+// CAGrad's inner problem: argmin over the simplex of w^T M b + c sqrt(b^T M b) sqrt(w^T M w),
+// b = 1 / T. Returns w and its relative KKT residual.
+std::tuple<at::Tensor, at::Tensor> cagrad_inner(const at::Tensor& M, double c, int64_t max_iter,
+                                                double tol);
 
 }  // namespace pyxtask
