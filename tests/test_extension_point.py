@@ -17,11 +17,11 @@ from tests.test_train import synthetic_config, synthetic_tasks
 transformers.utils.logging.disable_progress_bar()
 
 
-# -- a new method: random loss weighting (Lin et al. 2022, RLW), with a learnable temperature --
+# -- a new method (RLW-like random loss weights, with a learnable temperature) from outside --
 class RandomLossWeighting(Method):
     """Every task's batch per step; factors T * softmax(z / tau), z ~ N(0, 1) each step."""
 
-    name = "rlw"
+    name = "random-softmax"
     sampling = "all"
     adaptive = True
     lr = 0.5
@@ -48,15 +48,18 @@ class RandomLossWeighting(Method):
         return self.factors, shares(self.factors)
 
 
-register_method("rlw", lambda config, c: RandomLossWeighting(), replace=True)
+register_method(
+    "random-softmax",
+    lambda config, c: RandomLossWeighting(),
+)
 # ---------------------------------------------------------------------------------------------
 
 
 def test_a_registered_method_trains_end_to_end(tmp_path):
-    config = synthetic_config(method="rlw", epochs=2, lr=5e-3)
+    config = synthetic_config(method="random-softmax", epochs=2, lr=5e-3)
     tasks = synthetic_tasks(0, 24, 40, 24)
     summary = Trainer(config, tmp_path, progress=False, tasks=tasks).fit()
-    assert summary["method"] == "rlw" and summary["sampling"] == "all"
+    assert summary["method"] == "random-softmax" and summary["sampling"] == "all"
     steps_per_epoch = math.ceil(40 / 8)  # one pass over the largest task
     assert summary["steps"] == 2 * steps_per_epoch
     # Every step has a batch of every task, so the target saw a batch in every step.
@@ -71,7 +74,7 @@ def test_a_registered_method_trains_end_to_end(tmp_path):
 
 
 def test_a_method_owns_its_parameters_in_the_optimizer_and_checkpoint(tmp_path):
-    config = synthetic_config(method="rlw", epochs=1, lr=5e-3, warmup=0.5)
+    config = synthetic_config(method="random-softmax", epochs=1, lr=5e-3, warmup=0.5)
     method = RandomLossWeighting()
     tasks = synthetic_tasks(0, 16, 16, 8)
     Trainer(

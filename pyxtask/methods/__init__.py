@@ -35,7 +35,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from pyxtask.methods._base import Method, Sampling, Step, StepContext, backward_all, shares
+from pyxtask.methods._base import (
+    Method,
+    Sampling,
+    Step,
+    StepContext,
+    StepLosses,
+    backward_all,
+    shares,
+)
 from pyxtask.methods.fixed import EqualMethod, StreamMethod
 from pyxtask.methods.gradnorm import GradNormMethod
 from pyxtask.methods.gram import GramMethod
@@ -78,6 +86,7 @@ __all__ = [
     "Sampling",
     "Step",
     "StepContext",
+    "StepLosses",
     "StreamMethod",
     "TAWTMethod",
     "TAWTStepMethod",

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from pyxtask.data import LabelMap, collate
 from pyxtask.data.tokenization import Encoded
 from pyxtask.evaluation import autocast
-from pyxtask.gradients import GradientStats, Mode, TaskGradients
+from pyxtask.gradients import GradientStats, Mode, NonFiniteGradientError, TaskGradients
 from pyxtask.models import MultiTaskModel
 from pyxtask.tasks import TaskData
 
@@ -392,16 +392,40 @@ def shares(w: Tensor) -> Tensor:
     return w / total if total != 0 else w
 
 
+class StepLosses:
+    """A step's task losses, kept on the device until :meth:`values` reads them all at once:
+    one host synchronisation per step instead of one per task and micro-batch (on a GPU a
+    ``float(loss)`` per task stalls the host until that task's forward has run)."""
+
+    def __init__(self, ctx: StepContext, micro_batches: int) -> None:
+        self.ctx, self.m = ctx, micro_batches
+        self._parts: list[tuple[int, Tensor]] = []
+
+    def add(self, losses: list[Tensor | None]) -> None:
+        self._parts += [(t, loss.detach()) for t, loss in enumerate(losses) if loss is not None]
+
+    def values(self) -> dict[int, float]:
+        """Each task's mean loss over the micro-batches; a non-finite one is an error."""
+        if not self._parts:
+            return {}
+        read = torch.stack([loss.float() for _, loss in self._parts]).cpu().tolist()
+        totals: dict[int, float] = {}
+        for (t, _), value in zip(self._parts, read, strict=True):
+            self.ctx.check_loss(self.ctx.tasks[t].name, value, self.ctx.global_step + 1)
+            totals[t] = totals.get(t, 0.0) + value / self.m
+        return totals
+
+
 def checked_losses(
     ctx: StepContext, step: Step, totals: dict[int, float], m: int
 ) -> list[Tensor | None]:
-    """``ctx.step_losses(step)``, each checked to be finite and added (``/ m``) to ``totals``."""
+    """``ctx.step_losses(step)``, each checked to be finite and added (``/ m``) to ``totals``
+    now (for a method that needs the values before its backward)."""
     losses = ctx.step_losses(step)
-    for t, loss in enumerate(losses):
-        if loss is not None:
-            value = float(loss.detach())
-            ctx.check_loss(ctx.tasks[t].name, value, ctx.global_step + 1)
-            totals[t] = totals.get(t, 0.0) + value / m
+    read = StepLosses(ctx, m)
+    read.add(losses)
+    for t, value in read.values().items():
+        totals[t] = totals.get(t, 0.0) + value
     return losses
 
 
@@ -414,17 +438,22 @@ def backward_all(
     """Every task's loss of every micro-batch backwarded once (divided by the number of
     micro-batches, so ``.grad`` is their mean); through ``grads`` when given, else as one
     plain backward of ``sum_t w_t L_t``. Returns each micro-batch's statistics and the
-    tasks' mean losses."""
+    tasks' mean losses (read once, after the backward passes are queued)."""
     m = len(micro_batches)
     stats: list[GradientStats] = []
-    totals: dict[int, float] = {}
-    for j, step in enumerate(micro_batches):
-        losses = checked_losses(ctx, step, totals, m)
-        scaled = [None if loss is None else loss / m if m > 1 else loss for loss in losses]
-        if grads is None:
-            w = [1.0] * len(losses) if weights is None else list(weights)
-            total = sum(w[t] * loss for t, loss in enumerate(scaled) if loss is not None)
-            torch.autograd.backward(cast(Tensor, total))
-        else:
-            stats.append(grads.backward(scaled, weights, accumulate=j > 0))
-    return stats, totals
+    read = StepLosses(ctx, m)
+    try:
+        for j, step in enumerate(micro_batches):
+            losses = ctx.step_losses(step)
+            read.add(losses)
+            scaled = [None if loss is None else loss / m if m > 1 else loss for loss in losses]
+            if grads is None:
+                w = [1.0] * len(losses) if weights is None else list(weights)
+                total = sum(w[t] * loss for t, loss in enumerate(scaled) if loss is not None)
+                torch.autograd.backward(cast(Tensor, total))
+            else:
+                stats.append(grads.backward(scaled, weights, accumulate=j > 0))
+    except NonFiniteGradientError:
+        read.values()  # a non-finite loss is the cause to report, if there is one
+        raise
+    return stats, read.values()

@@ -24,7 +24,7 @@ from pyxtask import ops
 from pyxtask.config import ConfigError
 from pyxtask.data import collate
 from pyxtask.evaluation import autocast
-from pyxtask.methods._base import Sampling, Step, StepContext
+from pyxtask.methods._base import Sampling, Step, StepContext, StepLosses
 from pyxtask.methods.gram import GramMethod, loss_vector
 from pyxtask.weighting import MGDA
 
@@ -70,9 +70,9 @@ class MGDAUBMethod(MGDAMethod):
                 labels = collate([ctx.encoded[t][aligned[r][t]] for r in rows], ctx.pad)["labels"]
                 out = model.apply_head(ctx.tasks[t].head, hidden, mask, labels.to(ctx.device))
                 losses.append(cast(Tensor, out.loss).float())
-        values = {t: float(loss.detach()) for t, loss in enumerate(losses)}
-        for t, value in values.items():
-            ctx.check_loss(ctx.tasks[t].name, value, ctx.global_step + 1)
+        read = StepLosses(ctx, 1)
+        read.add(list(losses))
+        values = read.values()
         rep = [
             torch.autograd.grad(loss, hidden, retain_graph=True)[0].reshape(-1) for loss in losses
         ]

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from pyxtask.methods._base import Method, Sampling, Step, StepContext, checked_losses, shares
+from pyxtask.methods._base import Method, Sampling, Step, StepContext, StepLosses, shares
 from pyxtask.weighting import Uncertainty
 
 __all__ = ["UncertaintyMethod"]
@@ -40,12 +40,13 @@ class UncertaintyMethod(Method):
     def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
         assert self.uncertainty is not None
         m = len(micro_batches)
-        totals: dict[int, float] = {}
+        read = StepLosses(ctx, m)
         for step in micro_batches:
-            losses = checked_losses(ctx, step, totals, m)
+            losses = ctx.step_losses(step)
+            read.add(losses)
             stacked = torch.stack([loss.double() for loss in losses if loss is not None])
-            (self.uncertainty(stacked) / m).backward()
-        return totals
+            torch.autograd.backward(self.uncertainty(stacked) / m)
+        return read.values()
 
     def after_update(self, ctx: StepContext) -> None:
         self.updates += 1
