@@ -15,12 +15,7 @@ squared directions. Each tolerance is justified where it is used.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import random
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -28,6 +23,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pyxtask.bench.peers import load_libmtl
 from pyxtask.weighting._loss import LossWeighting
 from pyxtask.weighting.aligned_mtl import AlignedMTL, balance_transformation
 from pyxtask.weighting.dwa import DWA
@@ -60,32 +56,11 @@ def torchjd(name: str):
     return getattr(aggregation, name)
 
 
-@functools.cache
-def _libmtl_module(name: str) -> ModuleType | None:
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or spec.submodule_search_locations is None:
-        return None
-    root = Path(next(iter(spec.submodule_search_locations))) / "weighting"
-    module = None
-    for part in ("abstract_weighting", name):
-        full = f"LibMTL.weighting.{part}"
-        if full in sys.modules:
-            module = sys.modules[full]
-            continue
-        mod_spec = importlib.util.spec_from_file_location(full, root / f"{part}.py")
-        if mod_spec is None or mod_spec.loader is None:
-            return None
-        module = importlib.util.module_from_spec(mod_spec)
-        # The method file imports abstract_weighting by its dotted name.
-        sys.modules[full] = module
-        mod_spec.loader.exec_module(module)
-    return module
-
-
 def libmtl(name: str):
     """A fresh LibMTL weighting object of class ``name`` (its host attributes still unset)."""
-    module = _libmtl_module(name)
-    if module is None:
+    try:
+        module = load_libmtl(name)
+    except ImportError:
         pytest.skip("LibMTL is not installed")
     return getattr(module, name)()
 

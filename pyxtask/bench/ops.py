@@ -9,20 +9,16 @@ with machine information, to ``benchmarks/results/bench_ops.json``. See
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import importlib.util
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, cast
 
 import numpy as np
@@ -30,8 +26,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-import pyxtask
 from pyxtask import ops, reference
+from pyxtask.bench._machine import machine_info
+from pyxtask.bench.peers import load_libmtl
 
 DEFAULT_OUT = Path("bench") / "bench_ops.json"
 OPS = ops.OP_NAMES
@@ -174,23 +171,12 @@ def libmtl_min_norm() -> Callable[[Tensor], Tensor | None] | str:
     The package ``__init__`` imports torchvision APIs that no longer exist, so the two module
     files MGDA.py needs are loaded on their own and registered under their dotted names.
     """
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or spec.submodule_search_locations is None:
-        return "LibMTL not installed"
-    root = Path(next(iter(spec.submodule_search_locations))) / "weighting"
-    modules: dict[str, ModuleType] = {}
     try:
-        for name in ("abstract_weighting", "MGDA"):
-            mod_spec = importlib.util.spec_from_file_location(
-                f"LibMTL.weighting.{name}", root / f"{name}.py"
-            )
-            assert mod_spec is not None and mod_spec.loader is not None
-            modules[name] = importlib.util.module_from_spec(mod_spec)
-            sys.modules[mod_spec.name] = modules[name]
-            mod_spec.loader.exec_module(modules[name])
+        solver = load_libmtl("MGDA").MGDA()
+    except ImportError:
+        return "LibMTL not installed"
     except Exception as exc:
         return f"LibMTL's MGDA.py does not load: {exc}"
-    solver = modules["MGDA"].MGDA()
     # It takes the T x P gradients (and forms grads @ grads.T itself), returns None when it
     # hits its MAX_ITER = 250, and makes its iterate with torch.zeros(n): fp32 only.
     return cast(Callable[[Tensor], Tensor | None], solver._find_min_norm_element)
@@ -634,33 +620,6 @@ def acceptance(rows: list[dict[str, Any]]) -> list[tuple[str, bool | None, str]]
             (name, worst >= threshold and not missing, detail + f", {missing} n/a" * bool(missing))
         )
     return out
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "pyxtask": pyxtask.__version__,
-        "build_info": pyxtask.build_info(),
-        "cpu_model": cpu,
-        "torch_num_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        # Other processes on the cores skew multithreaded timings badly; this shows it.
-        "loadavg_1min_at_end": os.getloadavg()[0],
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def to_json(x: Any) -> Any:

@@ -34,7 +34,14 @@ from pyxtask.models import MultiTaskModel
 from .contenders import Contender, task_losses
 from .workload import Workload, build_model, finish_step, make_optimizer
 
-__all__ = ["LIBMTL", "TORCHJD", "libmtl_contender", "peer_names", "torchjd_contender"]
+__all__ = [
+    "LIBMTL",
+    "TORCHJD",
+    "libmtl_contender",
+    "load_libmtl",
+    "peer_names",
+    "torchjd_contender",
+]
 
 #: pyxtask method name -> TorchJD aggregator class and keyword arguments (the same weighting).
 TORCHJD: dict[str, tuple[str, dict[str, Any]]] = {
@@ -118,7 +125,7 @@ def _features_and_losses(
     return features, losses
 
 
-def _load_libmtl(module: str) -> ModuleType:
+def load_libmtl(module: str) -> ModuleType:
     """A LibMTL weighting module, loaded without ``import LibMTL`` (whose ``__init__`` imports
     torchvision APIs that no longer exist)."""
     spec = importlib.util.find_spec("LibMTL")
@@ -144,7 +151,7 @@ def libmtl_contender(work: Workload, weighting: str) -> Contender:
     name = f"libmtl:{weighting}"
     module, kwargs = LIBMTL[weighting]
     try:
-        cls = getattr(_load_libmtl(module), module)
+        cls = getattr(load_libmtl(module), module)
     except Exception as exc:
         return Contender(name, "peer", error=f"LibMTL's {module}.py does not load: {exc}")
     model = build_model(work)

@@ -15,11 +15,8 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
-import datetime
 import gc
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,11 +26,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import transformers
 from torch import Tensor
 from tqdm import tqdm
 
-import pyxtask
 from pyxtask import checkpoint, ops
 from pyxtask.bench import add_arguments
 from pyxtask.config import TrainConfig
@@ -43,6 +38,7 @@ from pyxtask.methods.gram import GramMethod
 from pyxtask.plots import plot_bench
 
 from . import peers
+from ._machine import machine_info
 from .contenders import (
     Contender,
     method_contender,
@@ -337,35 +333,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "pyxtask": pyxtask.__version__,
-        "build_info": pyxtask.build_info(),
-        "cpu_model": cpu,
-        "torch_num_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        # Other processes on the cores skew multithreaded timings badly; this shows it.
-        "loadavg_1min_at_end": os.getloadavg()[0],
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,19 +18,18 @@ normalisation with ``norm_eps = 1e-4`` and ``reg_eps = 1e-4`` on the diagonal, s
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from pyxtask import ops
-from pyxtask.weighting._gram import GramWeighting
-from pyxtask.weighting.upgrad import check_eps, check_pref, checked, normalized_gram, preference
+from pyxtask.weighting.upgrad import UPGrad, checked, normalized_gram, preference
 
 __all__ = ["DualProj"]
 
 
-class DualProj(GramWeighting):
+class DualProj(UPGrad):
     """Weights of the projection of the (preference-weighted) mean gradient onto the dual cone.
+
+    UPGrad's options and state; only what is projected differs (the mean, once).
 
     Args:
         pref_vector: the weights ``p`` of the combination projected (default ``1/T``).
@@ -51,25 +50,6 @@ class DualProj(GramWeighting):
     """
 
     name = "dualproj"
-    permutation_equivariant = True
-    scale = "mean"
-
-    def __init__(
-        self,
-        pref_vector: Tensor | None = None,
-        *,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-        max_iter: int = 1000,
-        tol: float = 1e-12,
-    ) -> None:
-        check_eps(self.name, norm_eps=norm_eps, reg_eps=reg_eps, tol=tol)
-        if max_iter < 0:
-            raise ValueError(f"{self.name}: max_iter must be >= 0, got {max_iter}")
-        self.pref_vector = check_pref(self.name, pref_vector)
-        self.permutation_equivariant = pref_vector is None
-        self.norm_eps, self.reg_eps = float(norm_eps), float(reg_eps)
-        self.max_iter, self.tol = int(max_iter), float(tol)
 
     def __call__(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:
         """``v`` (float64 ``(T,)``), the dual-cone QP's solution for ``u = p``."""
@@ -79,19 +59,3 @@ class DualProj(GramWeighting):
         v, residual = ops.dual_cone_projection(M, pref, self.max_iter, self.tol)
         checked(self.name, residual)
         return v
-
-    def state_dict(self) -> dict[str, Any]:
-        pref = None if self.pref_vector is None else self.pref_vector.tolist()
-        return {"name": self.name, "pref_vector": pref, "reg_eps": self.reg_eps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        if {k: state.get(k) for k in mine} != mine:
-            raise ValueError(f"{self.name}: state is for {state}, this weighting is {mine}")
-
-    def __repr__(self) -> str:
-        pref = None if self.pref_vector is None else self.pref_vector.tolist()
-        return (
-            f"{type(self).__name__}(pref_vector={pref}, norm_eps={self.norm_eps}, "
-            f"reg_eps={self.reg_eps})"
-        )
