@@ -14,20 +14,6 @@ namespace pyxtask::detail {
 
 static_assert(kGramSolverMaxTasks == kMaxTasks);
 
-inline void check_gram_square(const char* op, const at::Tensor& M) {
-  PYX_CHECK(M.dim() == 2 && M.sym_size(0) == M.sym_size(1), op,
-            "M must be a square T x T Gram matrix, got shape ", M.sym_sizes());
-  check_float(op, "M", M);
-  PYX_CHECK(M.sym_size(0) >= 1, op, "M must have at least one row");
-  PYX_CHECK(M.sym_size(0) <= kMaxTasks, op, "M has ", M.sym_size(0), " rows; at most ", kMaxTasks,
-            " tasks are supported");
-}
-
-inline void check_iterations(const char* op, int64_t max_iter, double tol) {
-  PYX_CHECK(max_iter >= 0, op, "max_iter must be >= 0, got ", max_iter);
-  PYX_CHECK(tol >= 0 && std::isfinite(tol), op, "tol must be finite and >= 0, got ", tol);
-}
-
 inline void check_dual_cone(const at::Tensor& M, const at::Tensor& U, int64_t max_iter,
                             double tol) {
   constexpr const char* op = "dual_cone_projection";

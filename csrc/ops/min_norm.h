@@ -27,14 +27,8 @@ inline MinNormMethod parse_min_norm_method(c10::string_view method) {
 inline void check_min_norm(const at::Tensor& M, int64_t max_iter, double tol,
                            c10::string_view method) {
   constexpr const char* op = "min_norm_point";
-  PYX_CHECK(M.dim() == 2 && M.sym_size(0) == M.sym_size(1), op,
-            "M must be a square T x T Gram matrix, got shape ", M.sym_sizes());
-  check_float(op, "M", M);
-  PYX_CHECK(M.sym_size(0) >= 1, op, "M must have at least one row");
-  PYX_CHECK(M.sym_size(0) <= kMaxTasks, op, "M has ", M.sym_size(0), " rows; at most ", kMaxTasks,
-            " tasks are supported");
-  PYX_CHECK(max_iter >= 0, op, "max_iter must be >= 0, got ", max_iter);
-  PYX_CHECK(tol >= 0 && std::isfinite(tol), op, "tol must be finite and >= 0, got ", tol);
+  check_gram_square(op, M);
+  check_iterations(op, max_iter, tol);
   parse_min_norm_method(method);
 }
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pyxtask import ops
-from pyxtask.config import TrainConfig
+from pyxtask.config import FAMOConfig, TrainConfig
 from pyxtask.evaluation import autocast
 from pyxtask.methods import Method, Step, StepContext, make_method
 from pyxtask.models import MultiTaskModel
@@ -105,8 +105,9 @@ def _context(work: Workload, model: MultiTaskModel, method: Method) -> StepConte
 def method_contender(work: Workload, name: str, variant: str = "") -> Contender:
     """pyxtask's method ``name`` exactly as the trainer steps it. ``variant``: "buffer" takes
     its per-task statistics from the T x P buffer instead of streaming hooks; "bf16-buffer"
-    stores that buffer in bf16."""
-    method = make_method(TrainConfig(method=name), 1.0)
+    stores that buffer in bf16; "next-step" (FAMO) learns from the next step's losses."""
+    famo = FAMOConfig(update_with="next-step" if variant == "next-step" else "same-batch")
+    method = make_method(TrainConfig(method=name, famo=famo), 1.0)
     if variant == "buffer":
         method.gradient_mode = "buffer"
     elif variant == "bf16-buffer":
@@ -163,10 +164,21 @@ _NOTES = {
     "gradnorm": "streaming norms in backward hooks",
     "gradnorm/buffer": "T x P buffer, then the norms",
     "mgda/bf16-buffer": "the T x P buffer in bf16 (half its memory and reads)",
+    "famo": "plain backward; + a no-grad forward on the same batch after the update",
+    "famo/next-step": "plain backward; the update uses the next step's losses",
+    "dwa": "plain backward of the weighted losses",
+    "rlw": "plain backward of the weighted losses",
     "mgda": "T x P buffer, gram, min_norm_point, scatter",
     "mgda-ub": "one encoder pass; gradients w.r.t. the representation",
     "metaweighting": "support buffer + query pass after the step",
     "uncertainty": "plain backward of the learnable objective",
+    "upgrad": "T x P buffer, gram, dual-cone QPs (compiled), scatter",
+    "dualproj": "T x P buffer, gram, one dual-cone QP, scatter",
+    "cagrad": "T x P buffer, gram, CAGrad's inner solve (compiled), scatter",
+    "nash-mtl": "T x P buffer, gram, Newton on G a = 1/a (compiled), scatter",
+    "pcgrad": "T x P buffer, gram, projections on the Gram, scatter",
+    "imtl-g": "T x P buffer, gram, pinv solve, scatter",
+    "aligned-mtl": "T x P buffer, gram, eigh, scatter",
     "fixed": "one task's batch per step; ratio = T steps / plain",
     "tawt": "one task's batch per step (updates: tawt-update)",
 }

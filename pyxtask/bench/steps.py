@@ -69,6 +69,8 @@ def contender_names(num_tasks: int = 4) -> list[str]:
             names.append(f"{name}/buffer")
         if name == "mgda":
             names.append("mgda/bf16-buffer")
+        if name == "famo":
+            names.append("famo/next-step")
     return [*names, "tawt-update", *peers.peer_names()]
 
 

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <string>
 
 #include "pyxtask/ops.h"
@@ -33,6 +34,21 @@ inline void check_task_matrix(const char* op, const char* name, const at::Tensor
   check_float(op, name, t);
   PYX_CHECK(t.sym_size(0) <= kMaxTasks, op, name, " has ", t.sym_size(0), " rows; at most ",
             kMaxTasks, " tasks are supported");
+}
+
+// The T x T Gram matrix every solver takes (min-norm, dual cone, Nash, CAGrad).
+inline void check_gram_square(const char* op, const at::Tensor& M) {
+  PYX_CHECK(M.dim() == 2 && M.sym_size(0) == M.sym_size(1), op,
+            "M must be a square T x T Gram matrix, got shape ", M.sym_sizes());
+  check_float(op, "M", M);
+  PYX_CHECK(M.sym_size(0) >= 1, op, "M must have at least one row");
+  PYX_CHECK(M.sym_size(0) <= kMaxTasks, op, "M has ", M.sym_size(0), " rows; at most ", kMaxTasks,
+            " tasks are supported");
+}
+
+inline void check_iterations(const char* op, int64_t max_iter, double tol) {
+  PYX_CHECK(max_iter >= 0, op, "max_iter must be >= 0, got ", max_iter);
+  PYX_CHECK(tol >= 0 && std::isfinite(tol), op, "tol must be finite and >= 0, got ", tol);
 }
 
 // Rows of a T x P task matrix need unit stride along P; any row stride (a slice of a bigger
