@@ -308,7 +308,7 @@ def test_kill_mid_epoch_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     assert a["global_step"] == 2 * per_epoch
 
 
-@pytest.mark.parametrize("method", ["metaweighting", "gradnorm"])
+@pytest.mark.parametrize("method", ["metaweighting", "gradnorm", "famo", "pcgrad", "nash-mtl"])
 def test_all_tasks_method_killed_mid_epoch_resumes_bitwise(tmp_path, method):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     reference = _child(straight, "straight", method)
@@ -416,7 +416,11 @@ def test_cli_pretrain_sweeps_c_and_keeps_the_best_dev(real_corpora, tmp_path, ca
 @pytest.mark.network
 @pytest.mark.filterwarnings("ignore::pyxtask.data.tokenization.LongSequenceWarning")
 @pytest.mark.parametrize(
-    "method", ["tawt-step", "equal", "mgda", "mgda-ub", "metaweighting", "gradnorm", "uncertainty"]
+    "method",
+    [
+        *("tawt-step", "equal", "mgda", "mgda-ub", "metaweighting", "gradnorm", "uncertainty"),
+        *("upgrad", "cagrad", "nash-mtl", "famo", "dwa"),
+    ],
 )
 def test_every_all_tasks_method_trains_on_real_corpora(real_corpora, tmp_path, capsys, method):
     # Brown's layers label the same sentences, which MGDA-UB needs.
