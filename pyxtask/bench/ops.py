@@ -414,6 +414,49 @@ def min_norm_case(t: int, device: torch.device) -> Case:
     return Case("min_norm_point", "fp32", {"T": t}, run)
 
 
+#: op -> (pyxtask weighting built on it, TorchJD's weighting of the same name, its kwargs)
+SOLVER_WEIGHTINGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "dual_cone_projection": ("UPGrad", "UPGradWeighting", {}),
+    "cagrad_inner": ("CAGrad", "CAGradWeighting", {"c": 0.4}),
+    "nash_bargaining": ("NashMTL", "NashMTL", {}),
+}
+
+
+def solver_case(op: str, t: int, device: torch.device) -> Case:
+    """The weighting built on ``op`` against TorchJD's on the same gradients (TorchJD's
+    Nash-MTL takes the T x 1000 Jacobian itself, the others the Gram)."""
+    import warnings  # noqa: PLC0415
+
+    from pyxtask import weighting  # noqa: PLC0415
+
+    ours_name, theirs_name, kwargs = SOLVER_WEIGHTINGS[op]
+
+    def run(timer: Timer) -> dict[str, Any]:
+        g, m = min_norm_problem(t, device)
+        m64 = m.double()
+        ours = getattr(weighting, ours_name)(**kwargs)
+        impls: dict[str, Callable[[], object]] = {"pyxtask": lambda: ours(m64)}
+        errors = {}
+        try:
+            aggregation = importlib.import_module("torchjd.aggregation")
+            if theirs_name == "NashMTL":
+                nash = aggregation.NashMTL(n_tasks=t)
+                g64 = g.double()
+                impls["torchjd"] = lambda: nash.weighting(g64)
+            else:
+                theirs = getattr(aggregation, theirs_name)(**kwargs)
+                impls["torchjd"] = lambda: theirs(m64)
+        except ImportError as exc:
+            errors["torchjd"] = f"torchjd unavailable: {exc}"
+        with warnings.catch_warnings():  # cvxpy warns on every Nash-MTL solve (not DPP)
+            warnings.simplefilter("ignore")
+            result: dict[str, Any] = dict(timed(timer, impls))
+        result.update({k: Timing(error=v) for k, v in errors.items()})
+        return result
+
+    return Case(op, "fp64", {"T": t}, run)
+
+
 def build_cases(quick: bool, selected: set[str], device: torch.device, pool: Pool) -> list[Case]:
     ts = (4, 16) if quick else (4, 8, 16, 32, 64)
     ps = (10**5, 10**6) if quick else (10**5, 10**6, 10**7)
@@ -434,6 +477,8 @@ def build_cases(quick: bool, selected: set[str], device: torch.device, pool: Poo
     cases += [flat_case("scatter_combination", t, n, pool, device) for t in scatter_ts for n in ns]
     cases += [mirror_case(t, device) for t in ((4, 64) if quick else (4, 16, 64))]
     cases += [min_norm_case(t, device) for t in ((4, 16) if quick else (2, 4, 8, 16, 32, 64))]
+    for op in SOLVER_WEIGHTINGS:
+        cases += [solver_case(op, t, device) for t in ((4, 16) if quick else (4, 16, 64))]
     return [c for c in cases if c.op in selected]
 
 
@@ -547,6 +592,13 @@ MIN_NORM_TABLE: list[Column] = [
     ],
     ("|supp|", lambda r: str(r.get("pyxtask_support", "-"))),
 ]
+SOLVER_TABLE: list[Column] = [
+    ("op", lambda r: str(r["op"])),
+    shape_col("T"),
+    time_col("pyxtask"),
+    time_col("torchjd"),
+    speedup_col("torchjd", "tjd/pyx"),
+]
 TABLES: list[tuple[str, tuple[str, ...], list[Column]]] = [
     (
         "Gram family (G is T x P; baseline = torch.mm, which is also TorchJD's way:"
@@ -560,6 +612,12 @@ TABLES: list[tuple[str, tuple[str, ...], list[Column]]] = [
         "Min-norm point on the simplex (M = G G^T, G is T x 1000)",
         ("min_norm_point",),
         MIN_NORM_TABLE,
+    ),
+    (
+        "Gram solvers: the weighting built on each (UPGrad, CAGrad c=0.4, Nash-MTL) against"
+        " TorchJD's on the same gradients (G is T x 1000)",
+        tuple(SOLVER_WEIGHTINGS),
+        SOLVER_TABLE,
     ),
 ]
 
