@@ -92,8 +92,8 @@ def test_dual_cone_projection_matches_scipy_nnls(M):
     # reference may drift to |v| ~ 1e11 along a null direction, where v^T M v is rounding
     # noise, so objectives and directions are measured on a PSD factor L of M's range.
     L, N = _range_factor(M)
-    for v, r in zip(V.numpy(), ref.numpy(), strict=True):
-        v, r = _on_range(v, N), _on_range(r, N)
+    for raw, raw_ref in zip(V.numpy(), ref.numpy(), strict=True):
+        v, r = _on_range(raw, N), _on_range(raw_ref, N)
         f, f_ref = float(np.sum((L.T @ v) ** 2)), float(np.sum((L.T @ r) ** 2))
         tol = 1e-10 * (f_ref + np.trace(M) / T**2)
         assert f <= f_ref + tol, (f, f_ref)
