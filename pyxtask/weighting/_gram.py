@@ -83,9 +83,12 @@ class GramWeighting(ABC):
         """Stateless by default: an empty dict."""
         return {}
 
-    # A deliberate no-op default, not an abstract method: stateless methods need not override.
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027
-        """Stateless by default: nothing to restore."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A weighting whose state is only its settings: check that ``state`` (from
+        :meth:`state_dict`) was saved by a weighting with the same settings."""
+        mine = self.state_dict()
+        if {k: state.get(k) for k in mine} != mine:
+            raise ValueError(f"{self.name}: state is for {state}, this weighting is {mine}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -140,11 +140,6 @@ class AlignedMTL(GramWeighting):
             "rtol": self.rtol,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        if {k: state.get(k) for k in mine} != mine:
-            raise ValueError(f"aligned-mtl: state is for {state}, this weighting is {mine}")
-
     def __repr__(self) -> str:
         args = [f"scale_mode={self.scale_mode!r}"]
         if self.preferences is not None:

@@ -112,11 +112,6 @@ class CAGrad(GramWeighting):
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "c": self.c, "rescale": self.rescale}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        if {k: state.get(k) for k in mine} != mine:
-            raise ValueError(f"{self.name}: state is for {state}, this weighting is {mine}")
-
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(c={self.c}, norm_eps={self.norm_eps}, rescale={self.rescale!r})"

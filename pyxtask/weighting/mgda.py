@@ -123,10 +123,5 @@ class MGDA(GramWeighting):
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "normalization": self.normalization}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        if {k: state.get(k) for k in mine} != mine:
-            raise ValueError(f"mgda: state is for {state}, this weighting is {mine}")
-
     def __repr__(self) -> str:
         return f"MGDA(normalization={self.normalization!r})"

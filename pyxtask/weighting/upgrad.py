@@ -135,11 +135,6 @@ class UPGrad(GramWeighting):
         pref = None if self.pref_vector is None else self.pref_vector.tolist()
         return {"name": self.name, "pref_vector": pref, "reg_eps": self.reg_eps}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        if {k: state.get(k) for k in mine} != mine:
-            raise ValueError(f"{self.name}: state is for {state}, this weighting is {mine}")
-
     def __repr__(self) -> str:
         pref = None if self.pref_vector is None else self.pref_vector.tolist()
         return (
