@@ -146,6 +146,32 @@ class RLWConfig:
     seed: int = 0
 
 
+@dataclass
+class MetaXTConfig:
+    """MetaXT and XT. The paper tunes γ1, γ2 by cross-validation and gives no values: 1 and 1
+    weigh the three terms of eq. 2 alike."""
+
+    gamma1: float = 1.0
+    gamma2: float = 1.0
+    #: The lookahead's SGD step η (Θ' = Θ - η ∇L_train); not the optimizer's learning rate.
+    eta: float = 0.01
+    #: "finite-difference" (DARTS, no second-order graph) or "exact" (double backward).
+    meta_gradient: str = "finite-difference"
+    #: The central difference's ε = fd_eps / ||v|| (DARTS: 0.01).
+    fd_eps: float = 0.01
+    #: Adam's learning rate for the label (and representation) transfer networks.
+    lr: float = 1e-3
+    #: Share of each target batch held out as the meta part (the paper: half).
+    meta_fraction: float = 0.5
+    label_dim: int = 64
+    hidden: int = 256
+    #: A representation transfer network after this encoder layer (-1: the middle one) for
+    #: sources from another domain; unset: none.
+    rtn_layer: int | None = None
+    #: Source examples per source task that make each epoch's label-transfer map.
+    map_examples: int = 256
+
+
 #: The method tables of a configuration file and their dataclasses.
 SECTIONS: dict[str, type] = {
     "tawt": TAWTConfig,
@@ -160,6 +186,7 @@ SECTIONS: dict[str, type] = {
     "dwa": DWAConfig,
     "famo": FAMOConfig,
     "rlw": RLWConfig,
+    "metaxt": MetaXTConfig,
 }
 
 
@@ -222,6 +249,7 @@ class TrainConfig:
     dwa: DWAConfig = field(default_factory=DWAConfig)
     famo: FAMOConfig = field(default_factory=FAMOConfig)
     rlw: RLWConfig = field(default_factory=RLWConfig)
+    metaxt: MetaXTConfig = field(default_factory=MetaXTConfig)
     cache: str | None = None
 
     # -- derived -------------------------------------------------------------------------------
@@ -272,6 +300,8 @@ class TrainConfig:
         choice("pcgrad.order", self.pcgrad.order, ("random", "index"))
         choice("aligned_mtl.scale_mode", self.aligned_mtl.scale_mode, ("min", "median", "rmse"))
         choice("famo.update_with", self.famo.update_with, ("same-batch", "next-step"))
+        choice("metaxt.meta_gradient", self.metaxt.meta_gradient,
+               ("finite-difference", "exact"))  # fmt: skip
         choice("rlw.distribution", self.rlw.distribution,
                ("normal", "uniform", "dirichlet", "bernoulli"))  # fmt: skip
         for task in [self.target, *self.sources]:
@@ -309,8 +339,8 @@ class TrainConfig:
                 "tawt.similarity = 'exact' solves eq. 2.7 on probe batches; method 'tawt-step' "
                 "measures 'cosine' or 'dot' from the step's own gradients"
             )
-        if self.accumulate > 1 and self.method == "mgda-ub":
-            raise ConfigError("mgda-ub takes one batch per step: set accumulate = 1")
+        if self.accumulate > 1 and self.method in ("mgda-ub", "metaxt", "xt"):
+            raise ConfigError(f"{self.method} takes one batch per step: set accumulate = 1")
         if self.weights_as == "sampling" and self.tawt.update_every is not None:
             raise ConfigError(
                 "weights_as = 'sampling' applies new weights from the next epoch; "
@@ -323,6 +353,9 @@ class TrainConfig:
             ("test_size", self.test_size, 1),
             ("total_steps", self.total_steps, 1),
             ("tawt.update_every", self.tawt.update_every, 1),
+            ("metaxt.label_dim", self.metaxt.label_dim, 1),
+            ("metaxt.hidden", self.metaxt.hidden, 1),
+            ("metaxt.map_examples", self.metaxt.map_examples, 1),
         ):
             if value is not None and (not _is_int(value) or value < low):
                 raise ConfigError(f"{key} = {value!r} must be an integer >= {low} (or unset)")
@@ -360,6 +393,12 @@ class TrainConfig:
             ("nash_mtl.update_every", self.nash_mtl.update_every, 1, 1e9),
             ("famo.lr", self.famo.lr, 1e-12, 10.0),
             ("famo.gamma", self.famo.gamma, 0.0, 10.0),
+            ("metaxt.gamma1", self.metaxt.gamma1, 0.0, 1e6),
+            ("metaxt.gamma2", self.metaxt.gamma2, 0.0, 1e6),
+            ("metaxt.eta", self.metaxt.eta, 1e-12, 1e6),
+            ("metaxt.fd_eps", self.metaxt.fd_eps, 1e-12, 1e3),
+            ("metaxt.lr", self.metaxt.lr, 1e-12, 10.0),
+            ("metaxt.meta_fraction", self.metaxt.meta_fraction, 1e-6, 0.999),
         )
         for name, number, lo, hi in ranges:
             if not _is_number(number) or not lo <= float(cast(float, number)) <= hi:
@@ -376,6 +415,11 @@ class TrainConfig:
             raise ConfigError("tawt.c as a list (a sweep on the dev set) is for pretrain only")
         for name in self.compare:
             choice("compare entry", name, COMPARISONS + tuple(method_names()))
+        rtn = self.metaxt.rtn_layer
+        if rtn is not None and (not _is_int(rtn) or rtn < -1):
+            raise ConfigError(
+                f"metaxt.rtn_layer = {rtn!r} must be a layer index >= 0, -1, or unset"
+            )
         if not isinstance(self.group_by_length, bool) or not isinstance(self.bf16, bool):
             raise ConfigError("group_by_length and bf16 must be true or false")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

@@ -10,7 +10,8 @@ solve per weight update).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,20 @@ def _grad(loss_fn: Callable[[], Tensor], params: Tensors) -> Tensors:
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, out, strict=True)]
 
 
+@contextmanager
+def restored(params: Sequence[Tensor]) -> Iterator[None]:
+    """Move ``params`` freely inside the block (``add_scaled_`` on their ``.data``); they are
+    restored bit for bit from a saved copy on leaving it, also when the block raises
+    (``p + e - e`` is not ``p`` in floating point)."""
+    data = [p.data for p in params]
+    saved = [d.clone() for d in data]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(data, saved)
+
+
 def fd_hvp(
     loss_fn: Callable[[], Tensor],
     params: Sequence[Tensor],
@@ -112,18 +127,14 @@ def fd_hvp(
         return [torch.zeros_like(p) for p in params]
     if eps is None:
         eps = 0.01 / norm
-    saved = [p.detach().clone() for p in params]
     data = [p.data for p in params]
-    try:
+    with restored(params):
         with torch.no_grad():
             add_scaled_(data, vector, eps)
         plus = _grad(loss_fn, params)
         with torch.no_grad():
             add_scaled_(data, vector, -2.0 * eps)
         minus = _grad(loss_fn, params)
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(data, saved)
     return [(a - b) / (2.0 * eps) for a, b in zip(plus, minus, strict=True)]
 
 

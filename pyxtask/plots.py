@@ -1,13 +1,16 @@
 """PNG plots of a training run folder (matplotlib, Agg canvas, no pyplot).
 
-The trainer writes three files into a run folder; each has one plot:
+The trainer writes these files into a run folder; each has its plot:
 
 * ``weights.csv`` -> ``weights.png`` (:func:`plot_weight_trajectory`): the loss factors /
   sampling weights ``w`` and the effective task weights ``omega`` per weight update;
 * ``similarity.jsonl`` -> ``similarity.png`` (:func:`plot_similarity`): the task-gradient
   cosine matrix of each update that measured it, as small-multiple heatmaps;
 * ``metrics.jsonl`` -> ``learning_curves.png`` (:func:`plot_learning_curves`): training loss
-  per task and dev metrics.
+  per task and dev metrics;
+* ``label_transfer.jsonl`` (MetaXT) -> ``label_transfer.csv``, ``label_transfer.png`` and
+  ``label_transfer_epochs.png`` (:func:`plot_label_transfer`): where the label transfer network
+  sends each source label among the target's labels, per epoch.
 
 :func:`plot_run` draws whichever apply. A plot whose input file is missing (or holds no data)
 is skipped and its function returns ``None``; a malformed line raises :class:`ValueError`
@@ -18,6 +21,7 @@ the folder during training never sees half a file.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -33,17 +37,33 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["plot_learning_curves", "plot_run", "plot_similarity", "plot_weight_trajectory"]
+from pyxtask import checkpoint
+
+__all__ = [
+    "plot_label_transfer",
+    "plot_learning_curves",
+    "plot_run",
+    "plot_similarity",
+    "plot_weight_trajectory",
+]
 
 WEIGHTS_FILE = "weights.csv"
 SIMILARITY_FILE = "similarity.jsonl"
 METRICS_FILE = "metrics.jsonl"
+LABEL_TRANSFER_FILE = "label_transfer.jsonl"
+_SUMMARY_FILE = "summary.json"
 
 _DPI = 120
 _MAX_HEATMAPS = 12
 _MAX_ANNOTATED = 8
+# A label-transfer map gets its probabilities written into the cells up to this many labels on
+# either axis; beyond it the numbers no longer fit a readable cell.
+_MAX_ANNOTATED_LABELS = 12
+_MAX_EPOCH_PANELS = 6
+_MAX_WIDTH = 20.0  # inches; the epoch grid wraps a source's row beyond it
 # Above this max/min ratio a linear axis squashes the small weights onto zero.
 _LOG_RATIO = 100.0
 
@@ -67,6 +87,18 @@ class _Similarity:
     step: int
     tasks: list[str]
     cosine: FloatArray  # (tasks, tasks); NaN where a gradient was not measured
+
+
+@dataclass(frozen=True)
+class _LabelTransfer:
+    epoch: int
+    step: int
+    source: str
+    source_labels: list[str]
+    target_labels: list[str]
+    probs: FloatArray  # (source labels, target labels); NaN rows where no example was seen
+    counts: list[int]
+    target: str | None  # the target task's name, when the writer recorded it
 
 
 # --------------------------------------------------------------------------- reading
@@ -123,8 +155,13 @@ def _read_weights(path: Path) -> _Weights | None:
     )
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """The objects of a JSON-lines file, each with its 1-based line number (for errors)."""
+def _read_jsonl(path: Path, *, drop_partial_tail: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """The objects of a JSON-lines file, each with its 1-based line number (for errors).
+
+    With ``drop_partial_tail`` a last line that has no newline and does not parse is skipped:
+    it is a record cut off mid-write (a crash, or a copy taken while the trainer appends), not
+    a malformed one. A bad line that was ended still raises.
+    """
     records: list[tuple[int, dict[str, Any]]] = []
     with path.open() as handle:
         for lineno, line in enumerate(handle, start=1):
@@ -133,6 +170,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
+                if drop_partial_tail and not line.endswith("\n"):
+                    continue  # only the last line can lack its newline
                 raise ValueError(f"{path.name}:{lineno}: not valid JSON: {exc}") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path.name}:{lineno}: not a JSON object")
@@ -160,17 +199,8 @@ def _read_similarity(path: Path) -> list[_Similarity]:
         tasks = _field(record, "tasks", list, where)
         if not all(isinstance(task, str) for task in tasks):
             raise ValueError(f"{where}: 'tasks' must be a list of strings")
-        matrix = _field(record, "cosine", list, where)
         n = len(tasks)
-        if len(matrix) != n or not all(isinstance(row, list) and len(row) == n for row in matrix):
-            raise ValueError(f"{where}: 'cosine' must be a {n}x{n} matrix (one row per task)")
-        try:
-            cosine = np.array(
-                [[math.nan if v is None else float(v) for v in row] for row in matrix],
-                dtype=np.float64,
-            ).reshape(n, n)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: 'cosine' holds a non-number") from None
+        cosine = _float_matrix(record, "cosine", (n, n), "one row per task", where)
         out.append(
             _Similarity(
                 update=_field(record, "update", int, where),
@@ -181,6 +211,79 @@ def _read_similarity(path: Path) -> list[_Similarity]:
             )
         )
     return out
+
+
+def _float_matrix(
+    record: dict[str, Any], key: str, shape: tuple[int, int], rows_are: str, where: str
+) -> FloatArray:
+    """``record[key]`` as a float matrix of ``shape``; ``null`` (not measured, or a NaN the
+    writer turned into valid JSON) becomes NaN."""
+    matrix = _field(record, key, list, where)
+    n, m = shape
+    if len(matrix) != n or not all(isinstance(row, list) and len(row) == m for row in matrix):
+        raise ValueError(f"{where}: {key!r} must be a {n}x{m} matrix ({rows_are})")
+    values = [v for row in matrix for v in row]
+    if not all(
+        v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in values
+    ):
+        raise ValueError(f"{where}: {key!r} holds a non-number")
+    return np.array(
+        [math.nan if v is None else float(v) for v in values], dtype=np.float64
+    ).reshape(n, m)
+
+
+def _labels(record: dict[str, Any], key: str, where: str) -> list[str]:
+    labels: list[str] = _field(record, key, list, where)
+    if not labels or not all(isinstance(label, str) for label in labels):
+        raise ValueError(f"{where}: {key!r} must be a non-empty list of strings")
+    return labels
+
+
+def _read_label_transfer(path: Path) -> list[_LabelTransfer]:
+    """The complete records of ``label_transfer.jsonl``; one target label list for all.
+
+    A later record for an (epoch, source) pair already read replaces the earlier one in place,
+    so a rerun epoch that was not truncated away counts once, with its newer map.
+    """
+    by_key: dict[tuple[int, str], _LabelTransfer] = {}
+    first: tuple[int, list[str]] | None = None
+    for lineno, record in _read_jsonl(path, drop_partial_tail=True):
+        where = f"{path.name}:{lineno}"
+        source_labels = _labels(record, "source_labels", where)
+        target_labels = _labels(record, "target_labels", where)
+        # The CSV has one column per target label, so every map must share them; a different
+        # list means two runs' logs were mixed, which no header could describe.
+        if first is None:
+            first = (lineno, target_labels)
+        elif target_labels != first[1]:
+            raise ValueError(
+                f"{where}: 'target_labels' differ from those on line {first[0]} "
+                f"({len(target_labels)} vs {len(first[1])} labels); one run has one target task"
+            )
+        n = len(source_labels)
+        probs = _float_matrix(
+            record, "map", (n, len(target_labels)), "one row per source label", where
+        )
+        counts = _field(record, "counts", list, where)
+        if len(counts) != n or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts
+        ):
+            raise ValueError(f"{where}: 'counts' must be {n} non-negative integers")
+        target = record.get("target")
+        if target is not None and not isinstance(target, str):
+            raise ValueError(f"{where}: 'target' must be a string: {target!r}")
+        entry = _LabelTransfer(
+            epoch=_field(record, "epoch", int, where),
+            step=_field(record, "step", int, where),
+            source=_field(record, "source", str, where),
+            source_labels=source_labels,
+            target_labels=target_labels,
+            probs=probs,
+            counts=counts,
+            target=target,
+        )
+        by_key[entry.epoch, entry.source] = entry
+    return list(by_key.values())
 
 
 # --------------------------------------------------------------------------- drawing helpers
@@ -346,13 +449,13 @@ def _similarity_figure(run_dir: str | os.PathLike[str]) -> Figure | None:
     return fig
 
 
-def _annotate(ax: Axes, matrix: FloatArray) -> None:
+def _annotate(ax: Axes, matrix: FloatArray, fontsize: float = 7) -> None:
     for (i, j), value in np.ndenumerate(matrix):
         if not np.isfinite(value):
             continue
-        # Dark text vanishes on the saturated ends of RdBu_r.
+        # Dark text vanishes on the saturated ends of RdBu_r (and on the dark end of Blues).
         color = "white" if abs(value) > 0.6 else "black"
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=fontsize, color=color)
 
 
 def plot_similarity(run_dir: str | os.PathLike[str]) -> Path | None:
@@ -447,17 +550,248 @@ def plot_learning_curves(run_dir: str | os.PathLike[str]) -> Path | None:
     return None if fig is None else _save(fig, Path(run_dir) / "learning_curves.png")
 
 
+# --------------------------------------------------------------------------- label transfer
+
+
+def _label_transfer_csv(records: Sequence[_LabelTransfer]) -> str:
+    buffer = io.StringIO()
+    # csv quotes the labels that need it: Penn Treebank has "," and "''" among its tags.
+    writer = csv.writer(buffer, lineterminator="\n")
+    header = ["epoch", "step", "source_task", "source_label", "count"]
+    writer.writerow([*header, *records[0].target_labels])
+    for record in records:
+        for label, count, row in zip(
+            record.source_labels, record.counts, record.probs, strict=True
+        ):
+            # An unseen source label has no distribution: blank cells, not a made-up 0.
+            cells = [f"{p:.6g}" if math.isfinite(p) else "" for p in row]
+            writer.writerow([record.epoch, record.step, record.source, label, count, *cells])
+    return buffer.getvalue()
+
+
+def _target_name(run_dir: Path, records: Sequence[_LabelTransfer]) -> str:
+    """The target task's name for titles: the log's own, else ``summary.json``'s (written just
+    before :func:`plot_run` at the end of training), else the word "target"."""
+    for record in reversed(records):
+        if record.target:
+            return record.target
+    try:
+        name = json.loads((run_dir / _SUMMARY_FILE).read_text(encoding="utf-8")).get("target")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return name if isinstance(name, str) and name else "target"
+
+
+def _longest(labels: Sequence[str]) -> int:
+    return max(len(label) for label in labels)
+
+
+def _transfer_cmap() -> Colormap:
+    # Sequential, white at 0 so the (mostly near-zero) map stays quiet; grey for the rows of
+    # source labels with no examples, which no shade of blue means.
+    return colormaps["Blues"].with_extremes(bad="0.6")
+
+
+def _draw_transfer(
+    ax: Axes,
+    record: _LabelTransfer,
+    *,
+    fontsize: float,
+    show_x: bool,
+    show_y: bool,
+    annotate: bool,
+) -> AxesImage:
+    image = ax.imshow(
+        np.ma.masked_invalid(record.probs),
+        cmap=_transfer_cmap(),
+        vmin=0.0,
+        vmax=1.0,
+        aspect="auto",  # the figure size makes cells square; see _label_transfer_figure
+        interpolation="nearest",
+    )
+    n, m = record.probs.shape
+    ax.set_xticks(range(m))
+    ax.set_yticks(range(n))
+    ax.set_xticklabels(record.target_labels if show_x else [], rotation=90, fontsize=fontsize)
+    ax.set_yticklabels(record.source_labels if show_y else [], fontsize=fontsize)
+    ax.tick_params(which="major", length=2, pad=1.5)
+    # Thin cell borders let the eye follow one row across 45 mostly white columns.
+    ax.set_xticks(np.arange(m + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(n + 1) - 0.5, minor=True)
+    ax.tick_params(which="minor", length=0)
+    ax.grid(which="minor", color="0.85", linewidth=0.4)
+    ax.grid(which="major", visible=False)
+    if annotate:
+        _annotate(ax, record.probs, fontsize=fontsize - 1)
+        for i, count in enumerate(record.counts):
+            if count == 0:  # say why the row is grey where there is room to
+                ax.text(
+                    (m - 1) / 2,
+                    i,
+                    "no examples",
+                    ha="center",
+                    va="center",
+                    fontsize=fontsize - 1,
+                    color="white",
+                )
+    return image
+
+
+def _small_enough_to_annotate(records: Sequence[_LabelTransfer]) -> bool:
+    return all(
+        len(r.source_labels) <= _MAX_ANNOTATED_LABELS
+        and len(r.target_labels) <= _MAX_ANNOTATED_LABELS
+        for r in records
+    )
+
+
+def _by_source(records: Sequence[_LabelTransfer]) -> dict[str, list[_LabelTransfer]]:
+    out: dict[str, list[_LabelTransfer]] = {}
+    for record in records:
+        out.setdefault(record.source, []).append(record)
+    for history in out.values():
+        history.sort(key=lambda r: r.epoch)
+    return out
+
+
+def _text_inches(chars: int, fontsize: float) -> float:
+    """Rough width of ``chars`` characters of DejaVu Sans at ``fontsize`` points."""
+    return chars * 0.62 * fontsize / 72
+
+
+def _label_transfer_figure(records: Sequence[_LabelTransfer], target: str) -> Figure:
+    """Each source's latest map, stacked one source per row (they share the target axis)."""
+    shown = [history[-1] for history in _by_source(records).values()]
+    annotate = _small_enough_to_annotate(shown)
+    fontsize = 8.0
+    cell = 0.5 if annotate else 0.2  # inches: an 8 pt tick label needs about 0.15
+    n_target = len(shown[0].target_labels)
+    # The figure is sized so that cells come out square with aspect="auto": an "equal" aspect
+    # leaves whatever the size estimate got wrong as gaps between the panels.
+    y_margin = 0.35 + _text_inches(max(_longest(r.source_labels) for r in shown), fontsize)
+    x_margin = 0.1 + _text_inches(_longest(shown[0].target_labels), fontsize)
+    title = max(_text_inches(len(f"{r.source} → {target} (epoch {r.epoch})"), 10) for r in shown)
+    plot_width = max(n_target * cell, title - y_margin / 2)
+    rows = [len(r.source_labels) for r in shown]
+    fig = _new_figure(
+        y_margin + plot_width + 1.3,
+        sum(n * cell + x_margin + 0.3 for n in rows) + 0.3,
+    )
+    axes = fig.subplots(len(shown), 1, squeeze=False, height_ratios=rows)[:, 0]
+    image = None
+    for ax, record in zip(axes, shown, strict=True):
+        image = _draw_transfer(
+            ax, record, fontsize=fontsize, show_x=True, show_y=True, annotate=annotate
+        )
+        ax.set_title(f"{record.source} → {target} (epoch {record.epoch})", fontsize=10)
+        ax.set_ylabel(f"{record.source} label")
+    axes[-1].set_xlabel(f"{target} label")
+    assert image is not None
+    fig.colorbar(image, ax=list(axes), label="mean P(target label | source label)", shrink=0.8)
+    return fig
+
+
+def _label_transfer_epochs_figure(records: Sequence[_LabelTransfer], target: str) -> Figure:
+    """Per source a row of up to six epochs (first and last included), small multiples.
+
+    A row that would pass ``_MAX_WIDTH`` inches (six 45-label maps do) wraps onto further lines
+    of that source, so the PNG stays viewable without horizontal scrolling.
+    """
+    picked = {
+        source: [recs[i] for i in _pick_evenly(len(recs), _MAX_EPOCH_PANELS)]
+        for source, recs in _by_source(records).items()
+    }
+    everything = [r for recs in picked.values() for r in recs]
+    annotate = _small_enough_to_annotate(everything)
+    fontsize = 6.0 if annotate else 5.5
+    cell = 0.36 if annotate else 0.125
+    panel_width = len(everything[0].target_labels) * cell + 0.08
+    per_line = max(1, min(_MAX_EPOCH_PANELS, int(_MAX_WIDTH // panel_width)))
+    # (source, its epochs on this line, whether the source's last line)
+    lines: list[tuple[str, list[_LabelTransfer], bool]] = []
+    for source, recs in picked.items():
+        starts = range(0, len(recs), per_line)
+        lines += [(source, recs[i : i + per_line], i == starts[-1]) for i in starts]
+    ncols = max(len(chunk) for _, chunk, _ in lines)
+    y_margin = 0.3 + _text_inches(max(_longest(r.source_labels) for r in everything), fontsize)
+    x_margin = 0.08 + _text_inches(_longest(everything[0].target_labels), fontsize)
+    title = (fontsize + 1.5) * 1.6 / 72
+    rows = [len(chunk[0].source_labels) for _, chunk, _ in lines]
+    height = sum(
+        n * cell + title + (x_margin if last else 0.0)
+        for n, (_, _, last) in zip(rows, lines, strict=True)
+    )
+    fig = _new_figure(y_margin + ncols * panel_width + 1.0, height + 0.35)
+    grid = fig.subplots(len(lines), ncols, squeeze=False, height_ratios=rows)
+    image = None
+    used: list[Axes] = []
+    for r, (source, chunk, last) in enumerate(lines):
+        for c in range(ncols):
+            ax = grid[r, c]
+            if c >= len(chunk):
+                ax.remove()
+                continue
+            used.append(ax)
+            record = chunk[c]
+            # Target labels under each source's last line only, source labels left of each
+            # line only: the panels of a row share both (unless a log changed them).
+            image = _draw_transfer(
+                ax,
+                record,
+                fontsize=fontsize,
+                show_x=last,
+                show_y=c == 0 or record.source_labels != chunk[0].source_labels,
+                annotate=annotate,
+            )
+            ax.set_title(f"epoch {record.epoch}", fontsize=fontsize + 1.5, pad=2)
+            if c == 0:
+                ax.set_ylabel(source, fontsize=fontsize + 1.5)
+    assert image is not None
+    fig.colorbar(image, ax=used, label="mean P(target label | source label)", shrink=0.8)
+    fig.suptitle(f"label transfer to {target}, by epoch", fontsize=10)
+    return fig
+
+
+def plot_label_transfer(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Tabulate and draw MetaXT's label transfer maps from ``label_transfer.jsonl``.
+
+    Writes ``label_transfer.csv`` (one row per epoch, source task and source label: its
+    example count and its mean probability for each target label, 6 significant digits, blank
+    for a label with no examples), ``label_transfer.png`` (each source's latest map) and
+    ``label_transfer_epochs.png`` (up to six epochs per source, to see the mapping settle).
+    Returns those paths, CSV first, or ``[]`` when the file is missing or holds no complete
+    record; a last line cut off mid-write is ignored. Raises :class:`ValueError` naming
+    ``file:line`` for a malformed record or one whose target labels differ from the first's.
+    """
+    folder = Path(run_dir)
+    path = folder / LABEL_TRANSFER_FILE
+    if not path.is_file():
+        return []
+    records = _read_label_transfer(path)
+    if not records:
+        return []
+    csv_path = folder / "label_transfer.csv"
+    checkpoint.write_text(csv_path, _label_transfer_csv(records))
+    target = _target_name(folder, records)
+    return [
+        csv_path,
+        _save(_label_transfer_figure(records, target), folder / "label_transfer.png"),
+        _save(_label_transfer_epochs_figure(records, target), folder / "label_transfer_epochs.png"),
+    ]
+
+
 # --------------------------------------------------------------------------- all
 
 
 def plot_run(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """Draw every plot whose input file exists in ``run_dir``; return the PNGs written."""
+    """Draw every plot whose input file exists in ``run_dir``; return the files written (the
+    PNGs, and ``label_transfer.csv`` before its PNGs)."""
     written = (
         plot_weight_trajectory(run_dir),
         plot_similarity(run_dir),
         plot_learning_curves(run_dir),
     )
-    return [path for path in written if path is not None]
+    return [path for path in written if path is not None] + plot_label_transfer(run_dir)
 
 
 # --------------------------------------------------------------------------- benchmarks

@@ -46,7 +46,7 @@ __all__ = ["Phase", "Trainer"]
 
 _CHECKPOINT = "checkpoint.pt"
 _SUMMARY = "summary.json"
-_LOGS = ("metrics.jsonl", "weights.csv", "similarity.jsonl")
+_LOGS = ("metrics.jsonl", "weights.csv", "similarity.jsonl", "label_transfer.jsonl")
 
 
 @dataclass
@@ -153,6 +153,7 @@ class Trainer:
             batch_size=config.batch_size,
             heldout=heldout if holdout > 0 else None,
             log=self._log,
+            save=lambda name, obj: checkpoint.save(obj, self.run_dir / name),
         )
         self.phases = self._phases()
         for i, phase in enumerate(self.phases):

@@ -21,6 +21,8 @@
 ``nash-mtl``              the Nash bargaining solution (Navon et al. 2022)
 ``dwa`` ``famo`` ``rlw``  loss weights: dynamic weight average (Liu et al. 2019), fast
                           adaptive (Liu et al. 2023), random (Lin et al. 2022)
+``metaxt`` / ``xt``       a label transfer network turns source labels into soft target labels,
+                          learnt by a meta-step (Sharma et al.), or jointly (XT)
 ========================  =====================================================================
 
 ``mgda``, ``upgrad``, ``pcgrad`` … are each a :class:`GramMethod` around a weighting of the
@@ -49,6 +51,7 @@ from pyxtask.methods.gradnorm import GradNormMethod
 from pyxtask.methods.gram import GramMethod
 from pyxtask.methods.loss_weighted import LossWeightedMethod
 from pyxtask.methods.metaweighting import MetaWeightingMethod
+from pyxtask.methods.metaxt import MetaXTMethod
 from pyxtask.methods.mgda import MGDAMethod, MGDAUBMethod
 from pyxtask.methods.tawt import TAWTMethod, TAWTStepMethod
 from pyxtask.methods.uncertainty import UncertaintyMethod
@@ -81,6 +84,7 @@ __all__ = [
     "MGDAMethod",
     "MGDAUBMethod",
     "MetaWeightingMethod",
+    "MetaXTMethod",
     "Method",
     "MethodFactory",
     "Sampling",
@@ -123,6 +127,23 @@ def _tawt(config: TrainConfig, c: float, sizes: Sequence[int], lr: float) -> TAW
         update_every=t.update_every,
         damping=t.damping,
         cg_max_iter=t.cg_max_iter,
+    )
+
+
+def _metaxt(config: TrainConfig, meta_gradient: str) -> MetaXTMethod:
+    m = config.metaxt
+    return MetaXTMethod(
+        meta_gradient=meta_gradient,
+        gamma1=m.gamma1,
+        gamma2=m.gamma2,
+        eta=m.eta,
+        lr=m.lr,
+        fd_eps=m.fd_eps,
+        meta_fraction=m.meta_fraction,
+        label_dim=m.label_dim,
+        width=m.hidden,
+        rtn_layer=m.rtn_layer,
+        map_examples=m.map_examples,
     )
 
 
@@ -178,6 +199,8 @@ _REGISTRY: dict[str, MethodFactory] = {
     "rlw": lambda config, c: LossWeightedMethod(
         lambda T: RLW(T, cast(Any, config.rlw.distribution), seed=config.rlw.seed), "rlw"
     ),
+    "metaxt": lambda config, c: _metaxt(config, config.metaxt.meta_gradient),
+    "xt": lambda config, c: _metaxt(config, "none"),
 }
 
 

@@ -16,7 +16,8 @@ A *method* says what one optimizer step does. It declares
 
 The trainer then clips, steps the optimizer and the schedule, logs and checkpoints. It never
 names a method. Weights a method learns are written with :meth:`StepContext.record_weights`
-(``weights.csv``); records for ``metrics.jsonl`` with :meth:`StepContext.log`.
+(``weights.csv``); records for ``metrics.jsonl`` (or another log) with :meth:`StepContext.log`;
+networks of its own with :meth:`StepContext.save`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class StepContext:
         batch_size: int = 32,
         heldout: Sequence[Sequence[Encoded]] | None = None,
         log: Callable[[str, dict[str, Any] | str], None] | None = None,
+        save: Callable[[str, Any], None] | None = None,
     ) -> None:
         self.model = model
         self.tasks = list(tasks)
@@ -74,6 +76,7 @@ class StepContext:
         self.batch_size = batch_size
         self.pad = int(model.tokenizer.pad_token_id) if model.tokenizer is not None else 0
         self._log = log
+        self._save = save
         self.phase_tasks: list[int] = list(range(len(self.tasks)))
         self.phase_step = 0
         self.global_step = 0
@@ -247,6 +250,12 @@ class StepContext:
         """Append a JSON record to one of the run's logs (``metrics.jsonl`` by default)."""
         if self._log is not None:
             self._log(file, record)
+
+    def save(self, name: str, obj: Any) -> None:
+        """Write ``obj`` (``torch.save``) atomically as the run's file ``name`` (a method's
+        own networks, kept beside the model it trains)."""
+        if self._save is not None:
+            self._save(name, obj)
 
     def record_weights(self, update: int, w: Tensor, omega: Tensor) -> None:
         """A row of ``weights.csv``: ``w`` the loss factors, ``omega`` each task's share."""
