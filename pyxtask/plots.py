@@ -43,6 +43,7 @@ from matplotlib.ticker import MaxNLocator
 from pyxtask import checkpoint
 
 __all__ = [
+    "plot_epoch",
     "plot_label_transfer",
     "plot_learning_curves",
     "plot_run",
@@ -792,6 +793,12 @@ def plot_run(run_dir: str | os.PathLike[str]) -> list[Path]:
         plot_learning_curves(run_dir),
     )
     return [path for path in written if path is not None] + plot_label_transfer(run_dir)
+
+
+def plot_epoch(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """The plots worth redrawing after every epoch of a running job (a method's maps); the
+    rest are drawn once, by :func:`plot_run`."""
+    return plot_label_transfer(run_dir)
 
 
 # --------------------------------------------------------------------------- benchmarks

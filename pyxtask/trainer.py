@@ -330,6 +330,9 @@ class Trainer:
                 self.ctx.epoch = epoch
                 self._epoch(phase_index, epoch, state, optimizer, scheduler, started)
                 phase.method.epoch_end(self.ctx, epoch)
+                from pyxtask.plots import plot_epoch  # noqa: PLC0415 -- matplotlib is slow to load
+
+                plot_epoch(self.run_dir)
                 if 0 in phase.tasks:
                     self._eval_dev(state, epoch)
                 state.update(epoch=epoch + 1, sampler=None, pending={})

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
+import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
@@ -322,3 +324,261 @@ def test_plot_run_writes_what_applies(tmp_path):
     for path in written:
         _assert_png(path, path.name)
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == []
+
+
+# --------------------------------------------------------------------------- label transfer
+
+# Penn Treebank's punctuation tags need CSV quoting (",") or look like quotes ("''", "``").
+PENN = ["NN", "NNS", "VB", ",", "''", "``", "-LRB-", "."]
+
+
+def _six_digits(value: float) -> float:
+    # What the CSV keeps; writing such values makes the round trip exact.
+    return float(f"{value:.6g}")
+
+
+def _transfer_record(epoch, source, labels, targets, seed, *, zero_rows=()):
+    rng = np.random.default_rng(seed)
+    rows = [[_six_digits(v) for v in rng.dirichlet(np.ones(len(targets)))] for _ in labels]
+    counts = [int(c) for c in rng.integers(1, 300, len(labels))]
+    for i in zero_rows:
+        rows[i] = [None] * len(targets)
+        counts[i] = 0
+    return {
+        "epoch": epoch,
+        "step": 63 * (epoch + 1),
+        "source": source,
+        "source_labels": labels,
+        "target_labels": targets,
+        "map": rows,
+        "counts": counts,
+    }
+
+
+LT_SOURCES = {"brown.pos": ["NOUN", "VERB", "PUNCT"], "conll.chunk": ["B-NP", "I-NP"]}
+
+
+def _write_label_transfer(
+    run: Path, epochs: int = 3, targets=PENN, sources=LT_SOURCES, zero_rows=()
+) -> list[dict]:
+    records = [
+        _transfer_record(epoch, source, labels, targets, 10 * epoch + k, zero_rows=zero_rows)
+        for epoch in range(epochs)
+        for k, (source, labels) in enumerate(sources.items())
+    ]
+    (run / "label_transfer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _read_csv(path: Path) -> list[list[str]]:
+    with path.open(newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def test_label_transfer_csv_round_trips(tmp_path):
+    records = _write_label_transfer(tmp_path)
+    written = plots.plot_label_transfer(tmp_path)
+    assert [p.name for p in written] == [
+        "label_transfer.csv",
+        "label_transfer.png",
+        "label_transfer_epochs.png",
+    ]
+    rows = _read_csv(written[0])
+    assert rows[0] == ["epoch", "step", "source_task", "source_label", "count", *PENN]
+    assert len(rows) == 1 + 3 * (3 + 2)
+    expected = [
+        [rec["epoch"], rec["step"], rec["source"], label, count, row]
+        for rec in records
+        for label, count, row in zip(rec["source_labels"], rec["counts"], rec["map"], strict=True)
+    ]
+    for row, (epoch, step, source, label, count, probs) in zip(rows[1:], expected, strict=True):
+        assert row[:5] == [str(epoch), str(step), source, label, str(count)]
+        assert [float(cell) for cell in row[5:]] == probs
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_label_transfer_pngs_grow_with_label_count(tmp_path):
+    few, many = tmp_path / "few", tmp_path / "many"
+    for run, targets in ((few, ["pos", "neg", "neu"]), (many, [f"T{i}" for i in range(40)])):
+        run.mkdir()
+        _write_label_transfer(run, targets=targets)
+        _, heatmap, epochs = plots.plot_label_transfer(run)
+        _assert_png(heatmap, "label_transfer.png")
+        _assert_png(epochs, "label_transfer_epochs.png")
+    for name in ("label_transfer.png", "label_transfer_epochs.png"):
+        small = mpimg.imread(few / name)
+        large = mpimg.imread(many / name)
+        assert small.ndim == large.ndim == 3
+        assert min(small.shape[:2]) > 200
+        assert large.shape[1] > 1.5 * small.shape[1]
+
+
+def test_label_transfer_latest_epoch_per_source(tmp_path):
+    _write_label_transfer(tmp_path, epochs=3, targets=["pos", "neg", "neu"])
+    (tmp_path / "summary.json").write_text(json.dumps({"target": "sst2"}))
+    records = plots._read_label_transfer(tmp_path / "label_transfer.jsonl")
+    fig = plots._label_transfer_figure(records, plots._target_name(tmp_path, records))
+    heatmaps = _heatmap_axes(fig)
+    assert [ax.get_title() for ax in heatmaps] == [
+        "brown.pos → sst2 (epoch 2)",
+        "conll.chunk → sst2 (epoch 2)",
+    ]
+    assert [t.get_text() for t in heatmaps[0].get_yticklabels()] == LT_SOURCES["brown.pos"]
+    assert [t.get_text() for t in heatmaps[0].get_xticklabels()] == ["pos", "neg", "neu"]
+    assert all(t.get_rotation() == 90 for t in heatmaps[0].get_xticklabels())
+    image = heatmaps[0].images[0]
+    assert image.get_clim() == (0.0, 1.0)
+    np.testing.assert_allclose(image.get_array(), records[4].probs)  # epoch 2, brown.pos
+    assert len(heatmaps[0].texts) == 9  # a 3x3 map is annotated
+    assert len(fig.axes) == 3  # plus the colour bar
+
+
+def test_label_transfer_target_name(tmp_path):
+    _write_label_transfer(tmp_path, epochs=1)
+    records = plots._read_label_transfer(tmp_path / "label_transfer.jsonl")
+    assert plots._target_name(tmp_path, records) == "target"
+    (tmp_path / "summary.json").write_text("[1, 2]")
+    assert plots._target_name(tmp_path, records) == "target"
+    (tmp_path / "summary.json").write_text(json.dumps({"target": "ptb.pos"}))
+    assert plots._target_name(tmp_path, records) == "ptb.pos"
+    rec = _transfer_record(0, "brown.pos", ["NOUN"], PENN, 0)
+    rec["target"] = "wsj.pos"
+    (tmp_path / "label_transfer.jsonl").write_text(json.dumps(rec) + "\n")
+    records = plots._read_label_transfer(tmp_path / "label_transfer.jsonl")
+    assert plots._target_name(tmp_path, records) == "wsj.pos"
+
+
+def test_label_transfer_large_map_not_annotated(tmp_path):
+    sources = {"brown.pos": [f"S{i}" for i in range(17)]}
+    _write_label_transfer(tmp_path, targets=[f"T{i}" for i in range(45)], sources=sources)
+    records = plots._read_label_transfer(tmp_path / "label_transfer.jsonl")
+    fig = plots._label_transfer_figure(records, "ptb.pos")
+    (ax,) = _heatmap_axes(fig)
+    assert not ax.texts
+    assert len(ax.get_xticklabels()) == 45
+    assert len(ax.get_yticklabels()) == 17
+
+
+def test_label_transfer_epochs_grid_picks_evenly(tmp_path):
+    _write_label_transfer(tmp_path, epochs=10, targets=["pos", "neg", "neu"])
+    records = plots._read_label_transfer(tmp_path / "label_transfer.jsonl")
+    fig = plots._label_transfer_epochs_figure(records, "sst2")
+    heatmaps = _heatmap_axes(fig)
+    titles = [ax.get_title() for ax in heatmaps]
+    # one row per source, six epochs each, first and last included
+    assert len(titles) == 12
+    assert titles[:6] == titles[6:]
+    assert titles[0] == "epoch 0"
+    assert titles[5] == "epoch 9"
+    assert [ax.get_ylabel() for ax in heatmaps[::6]] == list(LT_SOURCES)
+    # source labels only left of each row; each source's row has its target labels
+    assert [bool(ax.get_yticklabels()[0].get_text()) for ax in heatmaps[:6]] == [True] + [False] * 5
+    assert heatmaps[0].get_xticklabels()[0].get_text() == "pos"
+    assert heatmaps[6].get_xticklabels()[0].get_text() == "pos"
+
+
+def test_label_transfer_epochs_grid_wraps_wide_maps(tmp_path):
+    _write_label_transfer(tmp_path, epochs=6, targets=[f"T{i}" for i in range(45)])
+    records = plots._read_label_transfer(tmp_path / "label_transfer.jsonl")
+    fig = plots._label_transfer_epochs_figure(records, "ptb.pos")
+    heatmaps = _heatmap_axes(fig)
+    assert len(heatmaps) == 12
+    assert fig.get_figwidth() <= plots._MAX_WIDTH + 3
+    # three 45-label maps per line: each source takes two lines, its labels under the second
+    assert [ax.get_title() for ax in heatmaps[:6]] == [f"epoch {e}" for e in range(6)]
+    assert [ax.get_ylabel() for ax in heatmaps] == ["brown.pos", "", "", "brown.pos", "", ""] + [
+        "conll.chunk",
+        "",
+        "",
+    ] * 2
+    assert [bool(ax.get_xticklabels()[0].get_text()) for ax in heatmaps[:6]] == [False] * 3 + [
+        True
+    ] * 3
+
+
+def test_label_transfer_zero_count_row_is_blank(tmp_path):
+    _write_label_transfer(tmp_path, epochs=2, zero_rows=(1,))
+    written = plots.plot_label_transfer(tmp_path)
+    assert len(written) == 3
+    rows = _read_csv(written[0])
+    verb = [row for row in rows[1:] if row[3] == "VERB"]
+    assert len(verb) == 2
+    assert all(row[4] == "0" and row[5:] == [""] * len(PENN) for row in verb)
+    assert all(cell for row in rows[1:] if row[3] == "NOUN" for cell in row)
+    records = plots._read_label_transfer(tmp_path / "label_transfer.jsonl")
+    data = _heatmap_axes(plots._label_transfer_figure(records, "t"))[0].images[0].get_array()
+    assert data.mask[1].all()
+    assert not data.mask[0].any()
+    for path in written[1:]:
+        _assert_png(path, path.name)
+
+
+def test_label_transfer_truncated_last_line_is_ignored(tmp_path):
+    _write_label_transfer(tmp_path)
+    plots.plot_label_transfer(tmp_path)
+    complete = (tmp_path / "label_transfer.csv").read_text()
+    partial = json.dumps(_transfer_record(3, "brown.pos", ["NOUN"], PENN, 7))[:60]
+    with (tmp_path / "label_transfer.jsonl").open("a") as handle:
+        handle.write(partial)
+    assert len(plots.plot_label_transfer(tmp_path)) == 3
+    assert (tmp_path / "label_transfer.csv").read_text() == complete
+    # ended with a newline it is a malformed record, not a cut-off one
+    with (tmp_path / "label_transfer.jsonl").open("a") as handle:
+        handle.write("\n")
+    with pytest.raises(ValueError, match=r"label_transfer\.jsonl:7: not valid JSON"):
+        plots.plot_label_transfer(tmp_path)
+
+
+def test_label_transfer_missing_or_empty_gives_nothing(tmp_path):
+    assert plots.plot_label_transfer(tmp_path) == []
+    (tmp_path / "label_transfer.jsonl").write_text("\n")
+    assert plots.plot_label_transfer(tmp_path) == []
+    (tmp_path / "label_transfer.jsonl").write_text('{"epoch": 0, "step": 63, "sou')
+    assert plots.plot_label_transfer(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["label_transfer.jsonl"]
+
+
+def test_label_transfer_target_labels_must_agree(tmp_path):
+    records = _write_label_transfer(tmp_path, epochs=1)
+    other = _transfer_record(1, "brown.pos", ["NOUN"], [*PENN[:-1], "SYM"], 3)
+    with (tmp_path / "label_transfer.jsonl").open("a") as handle:
+        handle.write(json.dumps(other) + "\n")
+    with pytest.raises(ValueError, match=r"label_transfer\.jsonl:3: 'target_labels' differ"):
+        plots.plot_label_transfer(tmp_path)
+    assert len(records) == 2
+    assert not (tmp_path / "label_transfer.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("map", [[0.5, 0.5]], r"'map' must be a 1x8 matrix"),
+        ("map", [["0.5"] * 8], r"'map' holds a non-number"),
+        ("counts", [1, 2], r"'counts' must be 1 non-negative integers"),
+        ("counts", [-1], r"'counts' must be 1 non-negative integers"),
+        ("source_labels", [], r"'source_labels' must be a non-empty list of strings"),
+        ("epoch", None, r"'epoch' missing"),
+    ],
+)
+def test_label_transfer_malformed_record_names_file_and_line(tmp_path, key, value, message):
+    good = _transfer_record(0, "brown.pos", ["NOUN"], PENN, 0)
+    bad = {**good, key: value}
+    (tmp_path / "label_transfer.jsonl").write_text(f"{json.dumps(good)}\n{json.dumps(bad)}\n")
+    with pytest.raises(ValueError, match=rf"label_transfer\.jsonl:2: {message}"):
+        plots.plot_label_transfer(tmp_path)
+
+
+def test_plot_run_draws_label_transfer_when_present(tmp_path):
+    _write_metrics(tmp_path)
+    assert [p.name for p in plots.plot_run(tmp_path)] == ["learning_curves.png"]
+    assert not list(tmp_path.glob("label_transfer*"))
+    _write_label_transfer(tmp_path)
+    written = plots.plot_run(tmp_path)
+    assert [p.name for p in written] == [
+        "learning_curves.png",
+        "label_transfer.csv",
+        "label_transfer.png",
+        "label_transfer_epochs.png",
+    ]
+    for path in written[2:]:
+        _assert_png(path, path.name)

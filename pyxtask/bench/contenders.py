@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pyxtask import ops
-from pyxtask.config import FAMOConfig, TrainConfig
+from pyxtask.config import FAMOConfig, MetaXTConfig, TrainConfig
 from pyxtask.evaluation import autocast
 from pyxtask.methods import Method, Step, StepContext, make_method
 from pyxtask.models import MultiTaskModel
@@ -105,9 +105,11 @@ def _context(work: Workload, model: MultiTaskModel, method: Method) -> StepConte
 def method_contender(work: Workload, name: str, variant: str = "") -> Contender:
     """pyxtask's method ``name`` exactly as the trainer steps it. ``variant``: "buffer" takes
     its per-task statistics from the T x P buffer instead of streaming hooks; "bf16-buffer"
-    stores that buffer in bf16; "next-step" (FAMO) learns from the next step's losses."""
+    stores that buffer in bf16; "next-step" (FAMO) learns from the next step's losses;
+    "exact" (MetaXT) takes the meta-gradient by double backward."""
     famo = FAMOConfig(update_with="next-step" if variant == "next-step" else "same-batch")
-    method = make_method(TrainConfig(method=name, famo=famo), 1.0)
+    metaxt = MetaXTConfig(meta_gradient="exact" if variant == "exact" else "finite-difference")
+    method = make_method(TrainConfig(method=name, famo=famo, metaxt=metaxt), 1.0)
     if variant == "buffer":
         method.gradient_mode = "buffer"
     elif variant == "bf16-buffer":
@@ -181,4 +183,7 @@ _NOTES = {
     "aligned-mtl": "T x P buffer, gram, eigh, scatter",
     "fixed": "one task's batch per step; ratio = T steps / plain",
     "tawt": "one task's batch per step (updates: tawt-update)",
+    "metaxt": "meta-step by finite differences: lookahead + 2 source passes + LTN backward",
+    "metaxt/exact": "meta-step by double backward through a functional lookahead",
+    "xt": "the label transfer network trained jointly: no meta-step",
 }

@@ -71,6 +71,8 @@ def contender_names(num_tasks: int = 4) -> list[str]:
             names.append("mgda/bf16-buffer")
         if name == "famo":
             names.append("famo/next-step")
+        if name == "metaxt":
+            names.append("metaxt/exact")
     return [*names, "tawt-update", *peers.peer_names()]
 
 

@@ -197,6 +197,7 @@ class MetaXTMethod(Method):
         self.optimizer: torch.optim.Adam | None = None
         self.rtn_optimizer: torch.optim.Adam | None = None
         self._rtn_on = False
+        self._pending: Tensor | None = None  # XT: L_train's α-free part, not yet backwarded
         self._hook: Any = None
         self._target_labels: tuple[str, ...] = ()
         self._sources = 1
@@ -299,6 +300,9 @@ class MetaXTMethod(Method):
         eq. 5, or XT's ∇_α L_train -- without moving anything; ``.grad`` is left holding
         ∇_Θ L_train at the current α."""
         _, sources, grad_alpha = self._train_pass(ctx, step)
+        if self._pending is not None:
+            torch.autograd.backward(self._pending + self._transfer_loss(sources, detach=True))
+            self._pending = None
         for s in sources:
             s.log_probs = s.soft = None
         return [g.detach() for g in grad_alpha]
@@ -331,11 +335,12 @@ class MetaXTMethod(Method):
         if self.meta_gradient == "exact":
             return losses, sources, self._exact_meta_gradient(ctx, fixed, transfer, sources,
                                                                meta_part)  # fmt: skip
+        if self.meta_gradient == "none":  # no lookahead: Θ's one backward waits for the new α
+            self._pending = fixed
+            return losses, sources, self._joint_gradient(sources)
         torch.autograd.backward(fixed + transfer, retain_graph=True)
-        if self.meta_gradient == "finite-difference":
-            theta = self.lookahead_parameters(ctx)
-            return losses, sources, self._fd_meta_gradient(ctx, theta, sources, meta_part)
-        return losses, sources, self._joint_gradient(sources)
+        theta = self.lookahead_parameters(ctx)
+        return losses, sources, self._fd_meta_gradient(ctx, theta, sources, meta_part)
 
     def split(self, ctx: StepContext, indices: Sequence[int]) -> tuple[list[int], list[int]]:
         """The target batch's training part x'_t and meta part x''_t (a seeded split; one
@@ -488,15 +493,18 @@ class MetaXTMethod(Method):
 
     def _correct_transfer(self, sources: list[_SourceBatch]) -> None:
         """Add ∇_Θ of γ2·CE(target head, ŷ(α_new) - ŷ(α_old)) to ``.grad``: L_train's
-        gradient at the new α, through the graph the first backward kept."""
+        gradient at the new α, through the graph the first backward kept (XT, which took no
+        first backward, takes its only one here)."""
         assert self.ltn is not None
+        pending, self._pending = self._pending, None
         with torch.no_grad():
             deltas = []
             for s in sources:
                 new = self.ltn(cast(Tensor, s.features), s.source, cast(Tensor, s.source_labels))
-                deltas.append(new - cast(Tensor, s.soft).detach())
+                deltas.append(new if pending is not None else new - cast(Tensor, s.soft).detach())
         moved = [_with_soft(s, d) for s, d in zip(sources, deltas, strict=True)]
-        torch.autograd.backward(self._transfer_loss(moved, detach=True))
+        loss = self._transfer_loss(moved, detach=True)
+        torch.autograd.backward(loss if pending is None else pending + loss)
         for s in sources:
             s.log_probs = s.soft = None
 
