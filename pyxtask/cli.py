@@ -32,7 +32,8 @@ _TRAIN_FLAGS: list[tuple[str, str, type, str]] = [
         "method",
         str,
         "tawt (default) | tawt-step | fixed | equal | mgda | mgda-ub | metaweighting | "
-        "gradnorm | uncertainty",
+        "gradnorm | uncertainty | upgrad | dualproj | pcgrad | cagrad | imtl-g | aligned-mtl | "
+        "nash-mtl | dwa | famo | rlw | metaxt | xt (or a registered method)",
     ),
     ("--weights-as", "weights_as", str, "loss (factors, the paper) | sampling (probabilities)"),
     ("--epoch", "epoch", str, "stream (all tasks' batches) | target (one pass over the target)"),

@@ -111,3 +111,18 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["data"])
     assert info.value.code == 2
+
+
+def test_train_help_names_every_built_in_method():
+    import subprocess
+    import sys
+
+    # A fresh interpreter: other tests register methods of their own in this one.
+    code = "from pyxtask.methods import method_names; print(' '.join(method_names()))"
+    built_in = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    (help_text,) = [h for flag, _, _, h in cli._TRAIN_FLAGS if flag == "--method"]
+    listed = {name.strip().split(" ")[0] for name in help_text.split("|")}
+    missing = [name for name in built_in if name not in listed]
+    assert not missing, f"pyxtask train --help does not list {missing}"

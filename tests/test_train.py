@@ -272,7 +272,10 @@ def _assert_same_run(killed, straight):
         assert torch.equal(tensor, b["model"][key]), key
     assert str(a["method"]) == str(b["method"])
     assert a["best"] == b["best"]
-    for name in ("metrics.jsonl", "weights.csv", "similarity.jsonl", "config.json"):
+    for name in (
+        *("metrics.jsonl", "weights.csv", "similarity.jsonl", "config.json"),
+        *("label_transfer.jsonl", "label_transfer.csv"),
+    ):
         if (straight / name).exists():
             assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
     sa = json.loads((killed / "summary.json").read_text())
@@ -308,20 +311,60 @@ def test_kill_mid_epoch_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     assert a["global_step"] == 2 * per_epoch
 
 
-@pytest.mark.parametrize("method", ["metaweighting", "gradnorm", "famo", "pcgrad", "nash-mtl"])
+def _assert_same_tree(a, b, where="state"):
+    """Nested dicts, lists and tensors equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_tree(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+LABEL_TRANSFER = ("metaxt", "xt")
+
+
+@pytest.mark.parametrize(
+    "method", ["metaweighting", "gradnorm", "famo", "pcgrad", "nash-mtl", *LABEL_TRANSFER]
+)
 def test_all_tasks_method_killed_mid_epoch_resumes_bitwise(tmp_path, method):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     reference = _child(straight, "straight", method)
     # Checkpoints at steps 3, 5 (epoch end) and 6; killed before step 8, so step 7's weight
-    # row was written after the last checkpoint and must be cut off on resume.
-    _, log_sizes = _kill_at_pause(killed, method, 8)
+    # row was written after the last checkpoint and must be cut off on resume. MetaXT and XT
+    # write no weight row per step: killed before step 9, step 8's losses (metrics.jsonl, every
+    # 2 steps) are the lines to cut.
+    kill_at, grown = (9, "metrics.jsonl") if method in LABEL_TRANSFER else (8, "weights.csv")
+    _, log_sizes = _kill_at_pause(killed, method, kill_at)
     saved = torch.load(killed / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 6 and saved["epoch"] == 1 and saved["sampler"] is not None
-    assert log_sizes["weights.csv"] > saved["logs"]["weights.csv"]
-    _finish(_child(killed, "resume", method, 8))
+    assert log_sizes[grown] > saved["logs"][grown]
+    _finish(_child(killed, "resume", method, kill_at))
     _finish(reference)
     a = _assert_same_run(killed, straight)
     assert a["global_step"] == 15 and a["method"]["name"] == method
+    if method in LABEL_TRANSFER:
+        # The label transfer network and its Adam (moments, step counts), bit for bit.
+        b = torch.load(straight / "checkpoint.pt", map_location="cpu", weights_only=False)
+        _assert_same_tree(a["method"], b["method"], "method")
+        assert a["method"]["updates"] == 15 and a["method"]["optimizer"]["state"]
+        assert saved["method"]["updates"] == 6
+        nets = [
+            torch.load(run / "label_transfer_network.pt", map_location="cpu", weights_only=False)
+            for run in (killed, straight)
+        ]
+        _assert_same_tree(*nets, "label_transfer_network.pt")
+        _assert_same_tree(nets[0]["label_transfer_network"], a["method"]["ltn"], "final LTN")
+        records = _read_jsonl(straight / "label_transfer.jsonl")
+        assert [(r["epoch"], r["source"]) for r in records] == [
+            (e, s) for e in range(3) for s in ("syn.helpful", "syn.noise")
+        ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,6 +483,73 @@ def test_every_all_tasks_method_trains_on_real_corpora(real_corpora, tmp_path, c
         assert summary["weight_updates"] == summary["steps"] or method == "tawt-step"
     for name in ("weights.png", "learning_curves.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+
+
+def _onnx_initializers(bundle):
+    import onnx
+
+    graph = onnx.load(os.fspath(bundle / "model.onnx")).graph
+    return sorted((i.name, tuple(i.dims)) for i in graph.initializer)
+
+
+@pytest.mark.network
+@pytest.mark.filterwarnings("ignore::pyxtask.data.tokenization.LongSequenceWarning")
+def test_cli_metaxt_on_a_real_pair_saves_its_map_and_exports_only_the_target_model(
+    real_corpora, tmp_path, capsys
+):
+    runs = {}
+    for method, epochs in (("metaxt", "2"), ("equal", "1")):
+        out = tmp_path / method
+        args = [*TINY_RUN, "--target", "wsj-pos.pos", "--sources", "brown.pos", "--epochs", epochs]
+        code = cli.main([*args, "--method", method, "--output", os.fspath(out)])
+        printed = capsys.readouterr()
+        assert code == 0, printed.err
+        bundle = tmp_path / f"{method}-bundle"
+        export = ["export", os.fspath(out), "--out", os.fspath(bundle), "--no-torchscript"]
+        code = cli.main([*export, "--no-measure"])
+        printed = capsys.readouterr()
+        assert code == 0, printed.err
+        runs[method] = (out, bundle)
+    out, bundle = runs["metaxt"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method_name"] == "metaxt" and summary["target"] == "wsj-pos.pos"
+    assert summary["sources"] == ["brown.pos"]
+    assert summary["meta_gradient"] == "finite-difference"
+    assert summary["label_transfer_network"] == "label_transfer_network.pt"
+    assert summary["steps"] > 0 and summary["weight_updates"] == summary["steps"]
+    assert 0.0 <= summary["test"] <= 1.0
+    # One map per epoch (one source): rows over Brown's tags, distributions over WSJ's.
+    records = _read_jsonl(out / "label_transfer.jsonl")
+    assert [(r["epoch"], r["source"], r["target"]) for r in records] == [
+        (e, "brown.pos", "wsj-pos.pos") for e in range(2)
+    ]
+    for record in records:
+        assert len(record["map"]) == len(record["source_labels"]) == len(record["counts"])
+        for row, count in zip(record["map"], record["counts"], strict=True):
+            if count > 0:
+                assert len(row) == len(record["target_labels"])
+                assert min(row) >= 0 and math.isclose(sum(row), 1.0, abs_tol=1e-6), row
+        assert sum(record["counts"]) > 0
+    network = torch.load(out / "label_transfer_network.pt", map_location="cpu", weights_only=True)
+    assert network["method"] == "metaxt" and list(network["sources"]) == ["brown.pos"]
+    ltn = network["label_transfer_network"]
+    assert ltn["label_embedding.weight"].shape[0] == len(records[0]["source_labels"])
+    assert ltn["mlp.4.weight"].shape[0] == len(records[0]["target_labels"])
+    # The plots of the maps (label_transfer.csv: one row per epoch and source label).
+    for name in ("label_transfer.png", "label_transfer_epochs.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+    with open(out / "label_transfer.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * len(records[0]["source_labels"])
+    assert set(MultiTaskModel.load(out / "best").task_names) == {"wsj-pos__pos", "brown__pos"}
+    # The bundle holds the target model alone: the same initializers as a plain run's export,
+    # none shaped like the label transfer network's, and no file of it.
+    initializers = _onnx_initializers(bundle)
+    assert initializers == _onnx_initializers(runs["equal"][1])
+    model = MultiTaskModel.load(out / "best").state_dict()
+    ltn_shapes = {tuple(t.shape) for t in ltn.values()} - {tuple(t.shape) for t in model.values()}
+    assert ltn_shapes and not ltn_shapes & {dims for _, dims in initializers}
+    assert not [p for p in bundle.rglob("*") if "transfer" in p.name]
 
 
 @pytest.mark.filterwarnings("ignore::pyxtask.data.tokenization.LongSequenceWarning")
