@@ -123,14 +123,18 @@ def main() -> None:
     unknown = sorted(set(labels) - set(RUNS))
     if unknown:
         raise SystemExit(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
-    cost = "" if args.no_cost else step_cost(args, out)
+    # Runs not repeated now are kept from an earlier invocation (a resumed experiment).
+    earlier = (
+        json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    )
+    cost = earlier.get("cost", "") if args.no_cost else step_cost(args, out)
     if cost:
         print(cost)
-    rows: list[dict] = []
+    rows: list[dict] = earlier.get("rows", [])
     for k in ks:
         for label in labels:
             row = train(args, out, k, label)
-            rows.append(row)
+            rows = [r for r in rows if (r["k"], r["run"]) != (k, label)] + [row]
             dev, test = 100 * row["dev"], 100 * row["test"]
             print(f"k={k:<4} {label:<12} dev {dev:5.1f}%  test {test:5.1f}%  "
                   f"({row['steps']} steps, {row['seconds']:.0f} s)", flush=True)  # fmt: skip
@@ -150,7 +154,7 @@ def main() -> None:
         f"sentences, {args.epochs} dev evaluations, seed {args.seed} (one seed). Test accuracy "
         "(%) of the best dev epoch:",
         "",
-        table(rows, ks, labels),
+        table(rows, sorted({r["k"] for r in rows}), list(RUNS)),
         "",
         "Command: `" + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) + "`",
         "",

@@ -613,8 +613,10 @@ def _draw_transfer(
     n, m = record.probs.shape
     ax.set_xticks(range(m))
     ax.set_yticks(range(n))
-    ax.set_xticklabels(record.target_labels if show_x else [], rotation=90, fontsize=fontsize)
-    ax.set_yticklabels(record.source_labels if show_y else [], fontsize=fontsize)
+    x_labels = [_literal(x) for x in record.target_labels] if show_x else []
+    ax.set_xticklabels(x_labels, rotation=90, fontsize=fontsize)
+    ax.set_yticklabels([_literal(y) for y in record.source_labels] if show_y else [],
+                       fontsize=fontsize)  # fmt: skip
     ax.tick_params(which="major", length=2, pad=1.5)
     # Thin cell borders let the eye follow one row across 45 mostly white columns.
     ax.set_xticks(np.arange(m + 1) - 0.5, minor=True)
@@ -684,7 +686,7 @@ def _label_transfer_figure(records: Sequence[_LabelTransfer], target: str) -> Fi
         image = _draw_transfer(
             ax, record, fontsize=fontsize, show_x=True, show_y=True, annotate=annotate
         )
-        ax.set_title(f"{record.source} → {target} (epoch {record.epoch})", fontsize=10)
+        ax.set_title(_literal(f"{record.source} → {target} (epoch {record.epoch})"), fontsize=10)
         ax.set_ylabel(f"{record.source} label")
     axes[-1].set_xlabel(f"{target} label")
     assert image is not None
@@ -751,6 +753,12 @@ def _label_transfer_epochs_figure(records: Sequence[_LabelTransfer], target: str
     fig.colorbar(image, ax=used, label="mean P(target label | source label)", shrink=0.8)
     fig.suptitle(f"label transfer to {target}, by epoch", fontsize=10)
     return fig
+
+
+def _literal(text: str) -> str:
+    """``text`` drawn as written: a ``$`` in a tag (Penn's ``PRP$``, Brown's ``pp$$``) would
+    otherwise start matplotlib's math mode, and an unpaired one fails to draw."""
+    return text.replace("$", r"\$")
 
 
 def plot_label_transfer(run_dir: str | os.PathLike[str]) -> list[Path]:

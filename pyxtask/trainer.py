@@ -24,6 +24,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,6 +270,16 @@ class Trainer:
 
     # -- logs ----------------------------------------------------------------------------------
 
+    def _plot_epoch(self) -> None:
+        """Redraw the per-epoch plots; a plot that cannot be drawn is a warning, never the end
+        of a training run (the logs it is drawn from are kept)."""
+        from pyxtask.plots import plot_epoch  # noqa: PLC0415 -- matplotlib is slow to load
+
+        try:
+            plot_epoch(self.run_dir)
+        except Exception as exc:
+            warnings.warn(f"{self.run_dir}: a plot could not be drawn: {exc}", stacklevel=2)
+
     def _log(self, name: str, record: dict[str, Any] | str) -> None:
         path = self.run_dir / name
         if name == "weights.csv" and (not path.exists() or path.stat().st_size == 0):
@@ -330,9 +341,7 @@ class Trainer:
                 self.ctx.epoch = epoch
                 self._epoch(phase_index, epoch, state, optimizer, scheduler, started)
                 phase.method.epoch_end(self.ctx, epoch)
-                from pyxtask.plots import plot_epoch  # noqa: PLC0415 -- matplotlib is slow to load
-
-                plot_epoch(self.run_dir)
+                self._plot_epoch()
                 if 0 in phase.tasks:
                     self._eval_dev(state, epoch)
                 state.update(epoch=epoch + 1, sampler=None, pending={})

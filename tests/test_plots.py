@@ -582,3 +582,21 @@ def test_plot_run_draws_label_transfer_when_present(tmp_path):
     ]
     for path in written[2:]:
         _assert_png(path, path.name)
+
+
+def test_label_transfer_tags_with_dollar_signs_are_drawn(tmp_path):
+    """Brown's ``pp$$`` and Penn's ``PRP$`` once reached matplotlib's math parser and ended a
+    training run at its first epoch's end."""
+    record = {
+        "epoch": 0,
+        "step": 1,
+        "source": "brown.pos",
+        "target": "wsj-pos.pos",
+        "source_labels": ["pp$$", "nn", "$"],
+        "target_labels": ["PRP$", "NN", "$"],
+        "map": [[0.5, 0.25, 0.25]] * 3,
+        "counts": [1, 2, 3],
+    }
+    (tmp_path / "label_transfer.jsonl").write_text(json.dumps(record) + "\n")
+    names = [p.name for p in plots.plot_label_transfer(tmp_path)]
+    assert names == ["label_transfer.csv", "label_transfer.png", "label_transfer_epochs.png"]
