@@ -46,13 +46,21 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results/metaxt-fewshot")
     p.add_argument("--quick", action="store_true", help="fewer timing repetitions")
     p.add_argument("--no-cost", action="store_true", help="skip the step-cost measurement")
+    p.add_argument(
+        "--metaxt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [metaxt] setting for the xt and metaxt runs (repeatable), e.g. lr=1e-4",
+    )
     return p.parse_args()
 
 
 def config_for(args: argparse.Namespace, k: int, label: str):
-    from pyxtask.config import TrainConfig
+    from pyxtask.config import MetaXTConfig, TrainConfig
 
     paradigm, method = RUNS[label]
+    metaxt = MetaXTConfig(**{key: _value(text) for key, text in args.metaxt_items})
     # An epoch of the all-task methods is one pass over the source; the source size fixes
     # the steps per epoch, so the step budget is the same for every method.
     source_size = args.steps * args.batch // args.epochs
@@ -69,7 +77,17 @@ def config_for(args: argparse.Namespace, k: int, label: str):
         batch_size=args.batch,
         lr=args.lr,
         seed=args.seed,
+        metaxt=metaxt,
     )
+
+
+def _value(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def train(args: argparse.Namespace, out: Path, k: int, label: str) -> dict:
@@ -119,6 +137,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ks = [int(k) for k in args.k.split(",")]
+    args.metaxt_items = [item.split("=", 1) for item in args.metaxt]
+    if any(len(item) != 2 for item in args.metaxt_items):
+        raise SystemExit(f"--metaxt: expected KEY=VALUE, got {args.metaxt}")
     labels = [r for r in args.runs.split(",") if r]
     unknown = sorted(set(labels) - set(RUNS))
     if unknown:

@@ -17,6 +17,9 @@ from typing import Any, cast
 
 import tomllib
 
+from pyxtask.data.files import UNSEEN_LABELS, FileTask, FileTaskError, file_task, infer_task
+from pyxtask.data.files import is_task_file as _is_task_file
+
 __all__ = [
     "COMPARISONS",
     "ConfigError",
@@ -192,7 +195,8 @@ SECTIONS: dict[str, type] = {
 
 @dataclass
 class TrainConfig:
-    """One training run. Tasks are named ``corpus.task`` (see ``pyxtask data list``)."""
+    """One training run. A task is a named corpus's ``corpus.task`` (see ``pyxtask data
+    list``) or a name of :attr:`tasks`, the user's own files."""
 
     target: str = "wsj-pos.pos"
     #: Target training sentences (a seeded sample; ``None`` = the whole split).
@@ -251,6 +255,11 @@ class TrainConfig:
     rlw: RLWConfig = field(default_factory=RLWConfig)
     metaxt: MetaXTConfig = field(default_factory=MetaXTConfig)
     cache: str | None = None
+    #: Tasks read from the user's own files, by name (``[tasks.NAME]`` tables).
+    tasks: dict[str, FileTask] = field(default_factory=dict)
+    #: A dev or test label that no training example has: ``"error"`` (naming its file and
+    #: line) or ``"unknown"`` (it becomes ``<unknown>``, which counts as wrong).
+    unseen_labels: str = "error"
 
     # -- derived -------------------------------------------------------------------------------
 
@@ -304,8 +313,10 @@ class TrainConfig:
                ("finite-difference", "exact"))  # fmt: skip
         choice("rlw.distribution", self.rlw.distribution,
                ("normal", "uniform", "dirichlet", "bernoulli"))  # fmt: skip
+        choice("unseen_labels", self.unseen_labels, UNSEEN_LABELS)
         for task in [self.target, *self.sources]:
-            _check_task_name(task)
+            if task not in self.tasks:
+                _check_task_name(task)
         if len(set(self.sources)) != len(self.sources) or self.target in self.sources:
             raise ConfigError(
                 f"tasks must be distinct: target {self.target!r}, sources {self.sources}"
@@ -444,8 +455,9 @@ def _is_number(x: object) -> bool:
 def _check_task_name(task: object) -> None:
     if not isinstance(task, str) or task.count(".") != 1 or "" in task.split("."):
         raise ConfigError(
-            f"task {task!r} must be written 'corpus.task', e.g. 'brown.upos' "
-            "(pyxtask data list shows the corpora; pyxtask data info NAME their tasks)"
+            f"task {task!r} must be written 'corpus.task', e.g. 'brown.upos' (pyxtask data "
+            "list shows the corpora), be a data file (.conll, .conllu, .csv, .tsv, .jsonl), a "
+            "corpus definition (.toml), or a name defined in a [tasks.NAME] table"
         )
 
 
@@ -453,8 +465,14 @@ def _fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def from_mapping(document: Mapping[str, Any], source: str = "config") -> TrainConfig:
-    """Build a :class:`TrainConfig` from a mapping (a parsed file), checking every key."""
+def from_mapping(
+    document: Mapping[str, Any], source: str = "config", base: Path | None = None
+) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a mapping (a parsed file), checking every key.
+
+    File paths (own tasks) are taken relative to ``base``, the config file's folder
+    (``None``: the working directory).
+    """
     if not isinstance(document, Mapping):
         raise ConfigError(f"{source}: the top level must be a table of keys")
     known = _fields(TrainConfig)
@@ -463,7 +481,11 @@ def from_mapping(document: Mapping[str, Any], source: str = "config") -> TrainCo
     for key, value in document.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(known)}")
-        if key in SECTIONS:
+        if key == "tasks":
+            values[key] = _file_tasks(value, source, base)
+        elif key in _SIZES and value == "all":
+            values[key] = None
+        elif key in SECTIONS:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: {key!r} must be a table")
             section_known = _fields(SECTIONS[key])
@@ -483,12 +505,63 @@ def from_mapping(document: Mapping[str, Any], source: str = "config") -> TrainCo
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{source}: {key} must be a list of strings")
             values[key] = value
+    _tasks_from_files(values, source, base)
     config = TrainConfig(**values)
     try:
         config.validate()
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config
+
+
+_SIZES = ("target_size", "source_size", "dev_size", "test_size")
+
+
+def _file_tasks(tables: Any, source: str, base: Path | None) -> dict[str, FileTask]:
+    if not isinstance(tables, Mapping):
+        raise ConfigError(f"{source}: 'tasks' must be a table of [tasks.NAME] tables")
+    out: dict[str, FileTask] = {}
+    for name, table in tables.items():
+        if isinstance(table, FileTask):
+            out[name] = table
+            continue
+        where = f"{source}: tasks.{name}"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where} must be a table (format, train, dev, test, ...)")
+        if "." in name or not name:
+            raise ConfigError(f"{where}: a task name needs no dots (those are corpus.task)")
+        try:
+            out[name] = file_task(table, where, base)
+        except FileTaskError as exc:
+            raise ConfigError(str(exc)) from None
+    return out
+
+
+def _tasks_from_files(values: dict[str, Any], source: str, base: Path | None) -> None:
+    """A target or source given as a data file or corpus definition becomes a task table of
+    its own, named after the file; the task list then names it."""
+    tasks = dict(values.get("tasks", {}))
+    names = {"target": values.get("target"), "sources": values.get("sources", [])}
+
+    def named(entry: Any) -> Any:
+        if not isinstance(entry, str) or entry in tasks or not _is_task_file(entry):
+            return entry
+        path = os.fspath(base / entry) if base is not None else entry
+        try:
+            name, task = infer_task(path)
+        except FileTaskError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        if name in tasks and tasks[name] != task:
+            raise ConfigError(f"{source}: two tasks named {name!r}; name them in [tasks.NAME]")
+        tasks[name] = task
+        return name
+
+    if names["target"] is not None:
+        values["target"] = named(names["target"])
+    if isinstance(names["sources"], list):
+        values["sources"] = [named(entry) for entry in names["sources"]]
+    if tasks:
+        values["tasks"] = tasks
 
 
 def _legacy(document: Mapping[str, Any], source: str) -> Mapping[str, Any]:
@@ -535,4 +608,4 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
         raise ConfigError(f"{p}: not valid {suffix[1:].upper()}: {exc}") from None
     except Exception as exc:  # yaml.YAMLError without importing yaml at module level
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    return from_mapping(document, source=os.fspath(p))
+    return from_mapping(document, source=os.fspath(p), base=p.parent)

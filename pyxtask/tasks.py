@@ -16,7 +16,7 @@ import torch
 
 from pyxtask import checkpoint
 from pyxtask.config import ConfigError, TrainConfig
-from pyxtask.data import LabeledText, LabelMap, TaggedSentence, corpora
+from pyxtask.data import CorpusFormatError, LabeledText, LabelMap, TaggedSentence, corpora, files
 from pyxtask.models import MultiTaskModel
 
 __all__ = ["Example", "TaskData", "build_model", "load_tasks"]
@@ -46,10 +46,13 @@ def _labels_of(examples: Sequence[Example]) -> list[str | tuple[str, ...]]:
 
 
 def load_tasks(config: TrainConfig) -> list[TaskData]:
-    """The target (with dev and test) and the sources, from the named corpora."""
+    """The target (with dev and test) and the sources, from named corpora or the user's files."""
     tasks: list[TaskData] = []
     names = [config.target] + ([] if config.paradigm == "single" else config.sources)
     for i, name in enumerate(names):
+        if name in config.tasks:
+            tasks.append(_file_task(config, name, target=i == 0))
+            continue
         corpus_name, task = name.split(".")
         try:
             corpus = corpora.get_corpus(corpus_name)
@@ -84,6 +87,38 @@ def load_tasks(config: TrainConfig) -> list[TaskData]:
         )
         tasks.append(TaskData(name, kind, labels, train, dev, test))
     return tasks
+
+
+def _file_task(config: TrainConfig, name: str, *, target: bool) -> TaskData:
+    spec = config.tasks[name]
+    try:
+        splits = files.check_labels(name, files.read_splits(spec, name), config.unseen_labels)
+    except (files.FileTaskError, CorpusFormatError) as exc:
+        raise ConfigError(f"task {name!r}: {exc}") from None
+    size = config.target_size if target else config.source_size
+    train = _sample(splits["train"], size, config.seed)
+    if size is not None and len(train) < size:
+        raise ConfigError(
+            f"{'target_size' if target else 'source_size'} = {size} but {name!r} has only "
+            f'{len(train)} training examples ({spec.train}); set it lower, or to "all"'
+        )
+    dev = _sample(splits["dev"], config.dev_size, 0) if target else []
+    test = _sample(splits["test"], config.test_size, 0) if target else []
+    if target and (not dev or not test):
+        raise ConfigError(
+            f"task {name!r}: the target needs dev and test examples; {spec.train} gives "
+            f"{len(dev)} and {len(test)} (add dev/test files, or raise the split fractions)"
+        )
+    kind = files.kind_of(spec)
+    # The full training split decides the labels: a small sample must not drop any.
+    seen = _labels_of(splits["train"]) + _labels_of(dev + test)
+    labels = LabelMap.from_corpus(seen, name=name.replace(".", "__"), kind=kind)  # type: ignore[arg-type]
+    return TaskData(name, kind, labels, train, dev, test)
+
+
+def _sample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """A seeded sample of ``limit`` examples in file order (all of them without a limit)."""
+    return [examples[i] for i in corpora.sample_indices(len(examples), limit, seed)]
 
 
 def _tiny_vocabulary(tasks: Sequence[TaskData], size: int = 4000) -> list[str]:

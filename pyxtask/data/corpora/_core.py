@@ -441,13 +441,19 @@ def load(
     path = _data_file(cache_dir(cache) / name, task, split)
     with open(path, encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
-    if limit is not None and limit < len(lines):
-        keep = sorted(random.Random(seed).sample(range(len(lines)), limit))
-        lines = [lines[i] for i in keep]
+    lines = [lines[i] for i in sample_indices(len(lines), limit, seed)]
     docs = [json.loads(line) for line in lines]
     if corpus.tasks[task] == "token":
         return [TaggedSentence(tuple(d["words"]), tuple(d["tags"]), d["source"]) for d in docs]
     return [LabeledText(d["text"], d["label"], d["source"]) for d in docs]
+
+
+def sample_indices(count: int, limit: int | None, seed: int) -> list[int]:
+    """A seeded sample of ``limit`` of ``count`` positions, in order (all without a limit):
+    the same ``(limit, seed)`` picks the same positions on every machine."""
+    if limit is None or limit >= count:
+        return list(range(count))
+    return sorted(random.Random(seed).sample(range(count), limit))
 
 
 # --------------------------------------------------------------------------------------------
