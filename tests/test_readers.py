@@ -1,5 +1,6 @@
 """Tests for pyxtask.data.readers: each format, each error (with file and line), laziness."""
 
+import itertools
 import pickle
 import textwrap
 
@@ -256,7 +257,7 @@ def test_conllu_parse_error_names_line(tmp_path):
     with pytest.raises(CorpusFormatError) as info:
         next(it)
     assert str(info.value) == (
-        f"{path}:18: Invalid line format, line must contain either tabs or two spaces."
+        f"{path}:18: expected 10 tab-separated columns, found 1 (the line has no tab)"
     )
 
 
@@ -275,6 +276,51 @@ def test_conllu_unknown_label(tmp_path):
         f"{path}:14: unknown label 'INTJ' (known labels: 'ADP', 'DET', 'NOUN', 'PRON', "
         "'PUNCT', 'VERB')"
     )
+
+
+TOKEN = "1\ta\ta\tX\t_\t_\t0\troot\t_\t_\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("2\tb\tb\tX\n", "expected 10 tab-separated columns, found 4"),
+        ("2\tb\tb\tX\t_\t_\t1\tdep\t_\t_\t_\n", "expected 10 tab-separated columns, found 11"),
+        (
+            "2  b  b  X  _  _  1  dep  _  _\n",
+            "expected 10 tab-separated columns, found 1 (the line has no tab)",
+        ),
+    ],
+)
+def test_conllu_wrong_column_count_names_line_and_count(tmp_path, line, message):
+    path = write(tmp_path, "x.conllu", TOKEN + "\n# sent_id = 2\n" + TOKEN + line)
+    it = read_conllu(path)
+    assert next(it).words == ("a",)  # lazy: the good sentence comes first
+    with pytest.raises(CorpusFormatError) as info:
+        next(it)
+    assert str(info.value) == f"{path}:5: {message}"
+
+
+def test_conllu_plus_global_columns_set_the_count(tmp_path):
+    text = "# global.columns = ID FORM UPOS\n1\ta\tNOUN\n2\tb\tVERB\n\n1\tc\tX\n"
+    path = write(tmp_path, "x.conllup", text)
+    assert [s.tags for s in read_conllu(path)] == [("NOUN", "VERB"), ("X",)]
+    path = write(tmp_path, "x.conllup", text + "\n1\td\tX\t_\n")
+    assert error_of(read_conllu(path)) == (
+        f"{path}:7: expected 3 tab-separated columns (as # global.columns on line 1 declares), "
+        "found 4"
+    )
+
+
+def test_conllu_empty_upos_is_error(tmp_path):
+    path = write(tmp_path, "x.conllu", "1\tA\ta\t\t_\t_\t0\troot\t_\t_\n")
+    assert error_of(read_conllu(path)) == f"{path}:1: token 'A' has no upos"
+
+
+def test_conllu_id_too_long_for_int_is_error(tmp_path):
+    path = write(tmp_path, "x.conllu", TOKEN + "9" * 5000 + TOKEN[1:])
+    message = error_of(read_conllu(path))
+    assert message.startswith(f"{path}:2: Exceeds the limit (4300 digits)")
 
 
 @pytest.mark.parametrize("field", ["form", "feats", "feats:", "misc:A:B", "UPOS"])
@@ -498,6 +544,190 @@ def test_sentence_labels_empty_file_yields_nothing(tmp_path):
 def test_sentence_labels_bad_arguments_fail_at_call(path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         read_sentence_labels(path, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Encodings, byte-order marks, odd bytes
+
+BOM = b"\xef\xbb\xbf"
+LATIN1_HINT = 'pass encoding="latin-1" if the file is Latin-1'
+
+
+def write_bytes(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+READER_BY_SUFFIX = {
+    ".conll": read_conll,
+    ".conllu": read_conllu,
+    ".txt": read_word_tag,
+    ".csv": read_sentence_labels,
+    ".tsv": read_sentence_labels,
+    ".jsonl": read_sentence_labels,
+}
+
+
+def read(path, **kwargs):
+    return READER_BY_SUFFIX[path.suffix](path, **kwargs)
+
+
+def first_field(record):
+    return record.words[0] if isinstance(record, TaggedSentence) else record.text
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "line", "offset"),
+    [
+        ("data.conll", b"a X\n\nJohn\xff X\n", 3, 4),
+        ("data.conllu", TOKEN.encode() + b"\n2\tJo\xffhn" + TOKEN[3:].encode(), 3, 4),
+        ("data.txt", b"a/X\nb/Y c\xff/Z\n", 2, 5),
+        ("data.csv", b'text,label\r\n"two\r\nli\xffnes",x\r\n', 3, 2),
+        ("data.tsv", b"text\tlabel\nok\tx\n\xff\ty\n", 3, 0),
+        ("data.jsonl", b'{"text": "a", "label": "b"}\n{"text": "\xff"}\n', 2, 10),
+    ],
+)
+def test_invalid_utf8_names_file_line_and_byte(tmp_path, name, data, line, offset):
+    path = write_bytes(tmp_path, name, data)
+    assert error_of(read(path)) == (
+        f"{path}:{line}: not valid UTF-8 (byte 0xff at offset {offset} of the line; {LATIN1_HINT})"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "byte", "offset"),
+    [
+        (b"caf\xc3", "0xc3", 3),  # a sequence cut by the end of the file
+        (b"ab\xc3( X", "0xc3", 2),  # a lead byte without its continuation
+        (b"a\x80 X", "0x80", 1),  # a continuation byte without its lead
+        (b"a\xed\xa0\x80 X", "0xed", 1),  # an encoded surrogate
+    ],
+)
+def test_invalid_utf8_kinds(tmp_path, data, byte, offset):
+    path = write_bytes(tmp_path, "x.conll", b"a X\n" + data)
+    assert error_of(read_conll(path)) == (
+        f"{path}:2: not valid UTF-8 (byte {byte} at offset {offset} of the line; {LATIN1_HINT})"
+    )
+
+
+def test_invalid_utf8_is_lazy(tmp_path):
+    path = write_bytes(tmp_path, "x.conll", b"a X\n\nb Y\n\n" * 5000 + b"\xff X\n")
+    it = read_conll(path)
+    assert sum(1 for _ in itertools.islice(it, 10000)) == 10000  # all read ahead of the bad line
+    with pytest.raises(CorpusFormatError, match=r":20001: not valid UTF-8 \(byte 0xff at"):
+        next(it)
+
+
+def test_utf16_read_as_utf8_suggests_utf16(tmp_path):
+    path = write_bytes(tmp_path, "x.conll", "a X\n".encode("utf-16"))
+    assert error_of(read_conll(path)) == (
+        f"{path}:1: not valid UTF-8 (byte 0xff at offset 0 of the line; it starts like UTF-16, "
+        'so pass encoding="utf-16")'
+    )
+
+
+def test_byte_order_mark_counts_in_the_offset(tmp_path):
+    path = write_bytes(tmp_path, "x.conll", BOM + b"Joh\xffn X\n")
+    for encoding in ("utf-8", "utf-8-sig"):
+        assert error_of(read_conll(path, encoding=encoding)) == (
+            f"{path}:1: not valid UTF-8 (byte 0xff at offset 6 of the line; {LATIN1_HINT})"
+        )
+
+
+def test_other_encodings_name_themselves(tmp_path):
+    path = write_bytes(tmp_path, "x.conll", b"a X\n\xe9 Y\n")
+    assert error_of(read_conll(path, encoding="ascii")) == (
+        f"{path}:2: not valid ascii (byte 0xe9 at offset 0 of the line)"
+    )
+    # An odd byte at the end of UTF-16: its offset counts the bytes, not the characters.
+    path = write_bytes(tmp_path, "x.conll", "a X\nbc Y\n".encode("utf-16") + b"\x00")
+    assert error_of(read_conll(path, encoding="utf-16")) == (
+        f"{path}:3: not valid utf-16 (byte 0x00 at offset 0 of the line)"
+    )
+    path = write_bytes(tmp_path, "x.conll", "a X\n".encode("utf-16-le"))
+    assert error_of(read_conll(path, encoding="utf-16")) == (
+        f"{path}:1: not valid utf-16: UTF-16 stream does not start with BOM"
+    )
+
+
+JOSE = [
+    ("x.conll", "José X\n"),
+    ("x.conllu", "1\tJosé\tJosé\tX\t_\t_\t0\troot\t_\t_\n"),
+    ("x.txt", "José/X\n"),
+    ("x.csv", "text,label\nJosé,x\n"),
+    ("x.tsv", "text\tlabel\nJosé\tx\n"),
+    ("x.jsonl", '{"text": "José", "label": "x"}\n'),
+]
+
+
+@pytest.mark.parametrize(("name", "text"), JOSE)
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16", "cp1252"])
+def test_other_encodings_read_every_format(tmp_path, name, text, encoding):
+    path = write_bytes(tmp_path, name, text.encode(encoding))
+    (record,) = read(path, encoding=encoding)
+    assert first_field(record) == "José"
+
+
+@pytest.mark.parametrize(
+    "read", [read_conll, read_conllu, read_word_tag, read_sentence_labels], ids=lambda r: r.__name__
+)
+def test_unknown_encoding_fails_at_call(read):
+    with pytest.raises(LookupError, match="unknown encoding: klingon"):
+        read("never-opened.csv", encoding="klingon")
+
+
+# The first word, or the text: with the mark left on, the word would be '\ufeffJohn', and the
+# header's first name '\ufefftext' or '\ufefflabel', so that no column would be found.
+BOMMED = [
+    ("x.conll", "John X\nsaid Y\n", "John"),
+    ("x.conll", "-DOCSTART- X\n\nJohn X\n", "John"),
+    ("x.conllu", "# sent_id = 1\n" + TOKEN, "a"),
+    ("x.conllu", TOKEN, "a"),
+    ("x.txt", "John/NNP said/VBD\n", "John"),
+    ("x.csv", "text,label\nhi,x\n", "hi"),
+    ("x.csv", "label,text\nx,hi\n", "hi"),
+    ("x.tsv", "text\tlabel\nhi\tx\n", "hi"),
+    ("x.jsonl", '{"text": "hi", "label": "x"}\n', "hi"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), BOMMED)
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"])
+def test_leading_byte_order_mark_is_removed(tmp_path, name, text, expected, encoding):
+    path = write_bytes(tmp_path, name, BOM + text.encode())
+    record = next(read(path, encoding=encoding))
+    assert first_field(record) == expected
+
+
+def test_byte_order_mark_alone_on_the_first_line_is_a_blank_line(tmp_path):
+    path = write_bytes(tmp_path, "x.conll", BOM + b"\na X\n")
+    assert list(read_conll(path)) == [TaggedSentence(("a",), ("X",), f"{path}:2")]
+
+
+def test_byte_order_mark_inside_the_file_is_kept(tmp_path):
+    # Only a leading one is an encoding marker; elsewhere U+FEFF is a (zero-width) character.
+    path = write_bytes(tmp_path, "x.conll", b"a X\n\n" + BOM + b"b Y\n")
+    assert [s.words for s in read_conll(path)] == [("a",), ("\ufeffb",)]
+
+
+def test_csv_field_over_the_size_limit_is_error(tmp_path):
+    path = write(tmp_path, "a.csv", 'text,label\nok,x\n"' + "a" * 200_000 + '",x\n')
+    assert error_of(read_sentence_labels(path)) == (
+        f"{path}:3: malformed CSV: field larger than field limit (131072)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("[" * 100_000, "malformed JSON: nested too deeply"),
+        ('{"text": "a", "label": ' + "1" * 5000 + "}", "malformed JSON: Exceeds the limit"),
+    ],
+)
+def test_jsonl_pathological_lines_are_errors(tmp_path, line, message):
+    path = write(tmp_path, "a.jsonl", '{"text": "a", "label": "b"}\n' + line + "\n")
+    assert error_of(read_sentence_labels(path)).startswith(f"{path}:2: {message}")
 
 
 # --------------------------------------------------------------------------------------------

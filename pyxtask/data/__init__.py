@@ -14,6 +14,7 @@ from pyxtask.data.readers import (
     TaggedSentence,
     read_conll,
     read_conllu,
+    read_jsonl_tags,
     read_sentence_labels,
     read_word_tag,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "group_by_sentence",
     "read_conll",
     "read_conllu",
+    "read_jsonl_tags",
     "read_sentence_labels",
     "read_word_tag",
     "tokenize_corpus",

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import tomllib
 
@@ -31,6 +31,7 @@ from pyxtask.data.readers import (
     TaggedSentence,
     read_conll,
     read_conllu,
+    read_jsonl_tags,
     read_sentence_labels,
     read_word_tag,
 )
@@ -257,7 +258,10 @@ def _read(task: FileTask, path: str) -> list[Example]:
     elif task.format == "word-tag":
         examples = read_word_tag(path, task.separator or "/", encoding=task.encoding)
     elif task.format == "jsonl" and _kind(task, path) == "token":
-        examples = _read_jsonl_tags(path, str(task.text_field), str(task.label_field), task)
+        # A token task's JSONL keys default to words/tags, not the sentence task's text/label.
+        words = "words" if task.text_field == "text" else str(task.text_field)
+        tags = "tags" if task.label_field == "label" else str(task.label_field)
+        examples = read_jsonl_tags(path, words, tags, encoding=task.encoding)
     else:
         examples = read_sentence_labels(path, task.text_field, task.label_field, task.format,
                                         encoding=task.encoding, header=task.header)  # fmt: skip
@@ -290,42 +294,14 @@ def _kind(task: FileTask, path: str) -> str:
 
 def _first_record(path: str, encoding: str) -> Any:
     try:
-        with open(path, encoding=encoding) as f:
+        # Only a guess at the kind: the reader that follows names any real problem.
+        with open(path, encoding=encoding, errors="replace") as f:
             for line in f:
                 if line.strip():
                     return json.loads(line.lstrip("\ufeff"))
-    except (OSError, ValueError):
-        return None  # the reader that follows names the real problem
+    except (OSError, ValueError, RecursionError):
+        return None
     return None
-
-
-def _read_jsonl_tags(path: str, words_key: str, tags_key: str, task: FileTask) -> Iterator[Example]:
-    # A token task's JSONL keys default to words/tags, not the sentence task's text/label.
-    words_key = "words" if words_key == "text" else words_key
-    tags_key = "tags" if tags_key == "label" else tags_key
-    with open(path, encoding=task.encoding) as f:
-        for number, line in enumerate(f, start=1):
-            text = line.lstrip("\ufeff") if number == 1 else line
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise CorpusFormatError(path, number, f"not valid JSON: {exc.msg}") from None
-            words = record.get(words_key) if isinstance(record, dict) else None
-            tags = record.get(tags_key) if isinstance(record, dict) else None
-            if not _strings(words) or not _strings(tags):
-                raise CorpusFormatError(
-                    path, number, f"expected an object with lists of strings {words_key!r} and "
-                    f"{tags_key!r}"
-                )  # fmt: skip
-            if len(words) != len(tags):
-                raise CorpusFormatError(path, number, f"{len(words)} words but {len(tags)} tags")
-            yield TaggedSentence(tuple(words), tuple(tags), f"{path}:{number}")
-
-
-def _strings(value: Any) -> TypeGuard[list[str]]:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
 
 
 # --------------------------------------------------------------------------------------------
