@@ -11,13 +11,30 @@ import io
 import json
 import os
 import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["append_line", "fsync_dir", "load", "rng_state", "save", "set_rng_state", "write_text"]
+__all__ = [
+    "CheckpointError",
+    "append_line",
+    "fsync_dir",
+    "load",
+    "rng_state",
+    "save",
+    "set_rng_state",
+    "write_text",
+]
+
+#: What a user can do about a checkpoint that cannot be resumed from.
+REMEDY = "delete it and run again with --resume to start the run over, or point --output elsewhere"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: empty, truncated, corrupted or foreign."""
 
 
 def fsync_dir(folder: Path) -> None:
@@ -49,9 +66,37 @@ def save(obj: Any, path: str | os.PathLike[str]) -> None:
     _write_bytes(Path(path), buffer.getvalue())
 
 
-def load(path: str | os.PathLike[str]) -> Any:
-    """Load a checkpoint written by :func:`save` (plain Python, numpy and tensors only)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=False)
+def load(path: str | os.PathLike[str], *, keys: Iterable[str] = ()) -> Any:
+    """Load a checkpoint written by :func:`save` (plain Python, numpy and tensors only).
+
+    A file that cannot be read, or (with ``keys``) is not a dict holding every one of them,
+    is a :class:`CheckpointError` naming the file, what is wrong and what to do.
+    """
+    path = Path(path)
+    if path.stat().st_size == 0:  # torch's own message for it is "Ran out of input"
+        raise CheckpointError(f"{os.fspath(path)}: empty file, not a checkpoint; {REMEDY}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except OSError:
+        raise  # the disk or permissions, not the file's content: the OS says it best
+    except Exception as exc:
+        raise CheckpointError(
+            f"{os.fspath(path)}: cannot be read, it is truncated, corrupted or not a "
+            f"checkpoint ({_first_sentence(exc)}); {REMEDY}"
+        ) from exc
+    missing = [key for key in keys if not isinstance(obj, dict) or key not in obj]
+    if missing:
+        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+        raise CheckpointError(
+            f"{os.fspath(path)}: not a pyxtask training checkpoint (no {shown}); {REMEDY}"
+        )
+    return obj
+
+
+def _first_sentence(exc: BaseException) -> str:
+    # torch's messages run on for lines of advice about versions that do not apply here.
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(". ")[0].rstrip(".")
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

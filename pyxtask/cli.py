@@ -6,26 +6,53 @@ BUNDLE``, ``pyxtask tag BUNDLE [FILE ...]`` and ``pyxtask serve BUNDLE``.
 onnxruntime, numpy, tokenizers (and fastapi/uvicorn to serve).
 
 Errors a user can act on (an unknown corpus or task, a bad config key, a failed download, a
-checksum mismatch) print one ``error:`` line and exit with status 1, without a traceback.
+checksum mismatch, an unreadable checkpoint, missing training dependencies) print one
+``error:`` line and exit with status 1, without a traceback; so does any other exception, as
+``error: Type: message``, unless ``--debug`` asks for the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any, cast
 
 from pyxtask.bench import add_arguments
 
+
+def _size(text: str) -> int | str:
+    """A number of sentences, or ``all``."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+
+
 # Flags of `pyxtask train`: (flag, config key, type, help). A flag overrides the config file.
-_TRAIN_FLAGS: list[tuple[str, str, type, str]] = [
-    ("--target", "target", str, "target task, corpus.task (default wsj-pos.pos)"),
-    ("--target-size", "target_size", int, "target training sentences (default 200)"),
-    ("--sources", "sources", str, "comma-separated source tasks"),
-    ("--source-size", "source_size", int, "training sentences per source task (default 2000)"),
-    ("--dev-size", "dev_size", int, "target dev sentences (default: all)"),
-    ("--test-size", "test_size", int, "target test sentences (default: all)"),
+_TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
+    (
+        "--target",
+        "target",
+        str,
+        "target task: corpus.task (default wsj-pos.pos), a data file (.conll, .conllu, .csv, "
+        ".tsv, .jsonl), a corpus definition (.toml) or a [tasks.NAME] of the config",
+    ),
+    ("--target-size", "target_size", _size, "target training sentences, or all (default 200)"),
+    ("--sources", "sources", str, "comma-separated source tasks (named, files or definitions)"),
+    ("--source-size", "source_size", _size, "sentences per source task, or all (default 2000)"),
+    ("--dev-size", "dev_size", _size, "target dev sentences (default: all)"),
+    ("--test-size", "test_size", _size, "target test sentences (default: all)"),
+    (
+        "--unseen-labels",
+        "unseen_labels",
+        str,
+        "a dev/test label no training example has: error (default) | unknown",
+    ),
     ("--paradigm", "paradigm", str, "single | joint | normalized-joint | pretrain"),
     (
         "--method",
@@ -56,6 +83,47 @@ _TAWT_FLAGS: list[tuple[str, str, type, str]] = [
     ("--update-every", "update_every", int, "TAWT: update every N steps (default: per epoch)"),
     ("--gradients", "gradients", str, "TAWT probe gradients: streaming | buffer"),
 ]
+# What each string flag's value is, for --help (numbers are N or X).
+_METAVARS = {
+    "target": "TASK",
+    "sources": "TASKS",
+    "target_size": "N",
+    "source_size": "N",
+    "dev_size": "N",
+    "test_size": "N",
+    "unseen_labels": "CHOICE",
+    "paradigm": "NAME",
+    "method": "NAME",
+    "weights_as": "CHOICE",
+    "epoch": "CHOICE",
+    "encoder": "NAME",
+    "device": "DEVICE",
+    "output": "DIR",
+    "compare": "NAMES",
+    "cache": "DIR",
+    "similarity": "CHOICE",
+    "c": "X",
+    "gradients": "CHOICE",
+}
+# Modules each torch-side command imports first: without them, say what to install.
+_NEEDS = {
+    "train": ("torch", "transformers"),
+    "export": ("torch", "transformers"),
+    "bench": ("torch", "transformers"),
+    "data": ("torch",),
+}
+# Errors a user can act on (module, class): the message says what is wrong and what to do.
+# Looked up among the modules loaded so far, so tag and serve never import torch for them.
+_USER_ERRORS = [
+    ("pyxtask.serving.bundle", "BundleError"),
+    ("pyxtask.config", "ConfigError"),
+    ("pyxtask.data.corpora", "CorpusError"),
+    ("pyxtask.data.corpora", "FetchError"),
+    ("pyxtask.data.readers", "CorpusFormatError"),
+    ("pyxtask.data.files", "FileTaskError"),
+    ("pyxtask.export", "ExportError"),
+    ("pyxtask.checkpoint", "CheckpointError"),
+]
 
 __all__ = ["main"]
 
@@ -66,18 +134,25 @@ def _progress(line: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyxtask", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pyxtask",
+        description="Cross-task learning: prepare corpora, train with source tasks, export the "
+        "target model, tag and serve with it.",
+    )
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="named corpora: list, prepare, info")
     actions = data.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="list the named corpora and whether each is prepared")
     cache_help = "cache folder (default: $PYXTASK_CACHE, $XDG_CACHE_HOME/pyxtask, ~/.cache/pyxtask)"
     prepare = actions.add_parser("prepare", help="fetch, check and convert a corpus once")
-    prepare.add_argument("name")
-    prepare.add_argument("--cache", help=cache_help)
+    prepare.add_argument("name", metavar="NAME", help="a corpus (pyxtask data list)")
+    prepare.add_argument("--cache", help=cache_help, metavar="DIR")
     info = actions.add_parser("info", help="print a corpus card: counts, tasks, labels, licence")
-    info.add_argument("name")
-    info.add_argument("--cache", help=cache_help)
+    info.add_argument(
+        "name", metavar="NAME", help="a corpus (pyxtask data list), a data file or a definition"
+    )
+    info.add_argument("--cache", help=cache_help, metavar="DIR")
 
     train = commands.add_parser(
         "train",
@@ -86,9 +161,11 @@ def _parser() -> argparse.ArgumentParser:
         "CONFIG (.toml, .yaml or .json; keys as in pyxtask.config.TrainConfig) and the flags, "
         "which override it.",
     )
-    train.add_argument("config", nargs="?", help="config file (.toml, .yaml, .json)")
+    train.add_argument(
+        "config", nargs="?", metavar="CONFIG", help="config file (.toml, .yaml, .json)"
+    )
     for flag, key, kind, text in _TRAIN_FLAGS + _TAWT_FLAGS:
-        metavar = {int: "N", float: "X"}.get(kind, key.upper())
+        metavar = {int: "N", float: "X"}.get(kind) or _METAVARS[key]
         train.add_argument(flag, dest=f"set_{key}", type=kind, help=text, metavar=metavar)
     train.add_argument(
         "--set",
@@ -107,9 +184,13 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export", help="export a run's target model: ONNX, TorchScript, tokenizer, labels"
     )
-    export.add_argument("run_dir", help="a finished run folder (pyxtask train --output)")
-    export.add_argument("--out", required=True, help="bundle folder to write")
-    export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    export.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a finished run folder (pyxtask train --output)"
+    )
+    export.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write")
+    export.add_argument(
+        "--opset", type=int, default=17, metavar="N", help="ONNX opset, 10-20 (default 17)"
+    )
     export.add_argument("--fp16", action="store_true", help="also fp16 weights (model.fp16.onnx)")
     export.add_argument(
         "--int8", action="store_true", help="also dynamic int8 quantization (model.int8.onnx)"
@@ -126,21 +207,33 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
 
     tag = commands.add_parser("tag", help="tag files or stdin with an exported bundle")
-    tag.add_argument("bundle")
-    tag.add_argument("inputs", nargs="*", help="input files (default: stdin; '-' is stdin)")
+    tag.add_argument("bundle", metavar="BUNDLE", help="an exported bundle folder")
+    tag.add_argument(
+        "inputs", nargs="*", metavar="FILE", help="input files (default: stdin; '-' is stdin)"
+    )
     tag.add_argument(
         "--format",
         default="text",
         choices=["text", "conll", "jsonl"],
         help="input: one sentence per line (text), CoNLL words, or JSONL",
     )
-    tag.add_argument("--output-format", default="conll", choices=["conll", "jsonl"])
-    tag.add_argument("--output", "-o", help="output file (default: stdout)")
-    tag.add_argument("--variant", default="fp32", help="fp32 | fp16 | int8 (if exported)")
     tag.add_argument(
-        "--batch-size", type=int, help="windows per model call (default 32; int8: 1, see Tagger)"
+        "--output-format",
+        default="conll",
+        choices=["conll", "jsonl"],
+        help="output: CoNLL word-tag columns or JSONL (default conll)",
     )
-    tag.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    tag.add_argument("--output", "-o", metavar="FILE", help="output file (default: stdout)")
+    tag.add_argument(
+        "--variant", default="fp32", metavar="NAME", help="fp32 | fp16 | int8 (if exported)"
+    )
+    tag.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="windows per model call (default 32; int8: 1, see Tagger)",
+    )
+    tag.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads")
     tag.add_argument("--quiet", action="store_true", help="no progress bar")
 
     bench = commands.add_parser(
@@ -150,16 +243,23 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(bench)
 
     serve = commands.add_parser("serve", help="serve a bundle over HTTP (POST /v1/tag)")
-    serve.add_argument("bundle")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--variant", default="fp32", help="fp32 | fp16 | int8 (if exported)")
-    serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
-    serve.add_argument("--max-batch", type=int, default=64, help="sentences per model call")
+    serve.add_argument("bundle", metavar="BUNDLE", help="an exported bundle folder")
+    serve.add_argument(
+        "--host", default="127.0.0.1", metavar="HOST", help="address (default 127.0.0.1)"
+    )
+    serve.add_argument("--port", type=int, default=8000, metavar="N", help="port (default 8000)")
+    serve.add_argument(
+        "--variant", default="fp32", metavar="NAME", help="fp32 | fp16 | int8 (if exported)"
+    )
+    serve.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads")
+    serve.add_argument(
+        "--max-batch", type=int, default=64, metavar="N", help="sentences per model call"
+    )
     serve.add_argument(
         "--max-wait-ms",
         type=float,
         default=0.0,
+        metavar="X",
         help="how long a batch waits for more requests (default 0: it takes what queued "
         "while the model ran; a wait pays on GPUs, where bigger batches are cheaper)",
     )
@@ -169,7 +269,23 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="no log line per request (uvicorn's access log; errors are still logged)",
     )
+    _add_debug(commands)
     return parser
+
+
+_DEBUG_HELP = "print an error's traceback (default: one error line)"
+
+
+def _add_debug(commands: Any) -> None:
+    """``--debug`` after the subcommand too (``pyxtask train --debug``)."""
+    for sub in commands.choices.values():
+        # SUPPRESS: absent here, it leaves the top-level flag's value alone.
+        sub.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
+        )
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_debug(action)
 
 
 def _train_config(args: argparse.Namespace) -> Any:
@@ -227,11 +343,9 @@ def _override(config: dict[str, Any], item: str) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    import transformers  # noqa: PLC0415
-
     from pyxtask.export import export_run  # noqa: PLC0415
 
-    cast(Any, transformers).utils.logging.disable_progress_bar()
+    _no_transformers_bars()  # the loads of the run's model: noise beside the export's lines
     manifest = export_run(
         args.run_dir,
         args.out,
@@ -261,7 +375,17 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _tag(args: argparse.Namespace) -> int:
-    from pyxtask.serving.files import read_items, tag_stream  # noqa: PLC0415
+    """Tag the inputs (see :mod:`pyxtask.serving.files` for what is skipped and why).
+
+    Every problem (a malformed line, invalid UTF-8, an input that cannot be read, a word left
+    untagged) is one ``warning: file:line: problem`` on stderr, and the rest is still tagged.
+    Exit status: 0 when every input that could be opened was tagged, warnings or not (a count
+    of them closes the run), as it always was for malformed lines; 1 with ``error:`` when no
+    input could be opened at all (an existing ``--output`` file is then left untouched).
+    With ``--output`` the file appears only once the run is complete; a run that stops early
+    leaves its output so far in ``FILE.partial``.
+    """
+    from pyxtask.serving.files import Output, read_inputs, tag_stream  # noqa: PLC0415
     from pyxtask.serving.tagger import Tagger  # noqa: PLC0415
 
     tagger = Tagger(args.bundle, args.variant, batch_size=args.batch_size, threads=args.threads)
@@ -269,24 +393,21 @@ def _tag(args: argparse.Namespace) -> int:
 
     def report(line: str) -> None:
         problems.append(line)
-        print(f"warning: {line}", file=sys.stderr)
+        print(f"warning: {line}", file=sys.stderr, flush=True)
 
-    def items() -> Any:
-        for name in args.inputs or ["-"]:
-            if name == "-":
-                yield from read_items(sys.stdin, args.format, "<stdin>", report)
-            else:
-                with open(name, encoding="utf-8") as f:
-                    yield from read_items(f, args.format, name, report)
-
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
-    try:
-        count = tag_stream(tagger, items(), out, args.output_format, progress=not args.quiet)
-    finally:
-        if args.output:
-            out.close()
+    opened: list[str] = []
+    items = read_inputs(args.inputs or ["-"], args.format, report, opened=opened)
+    with Output(args.output, report) as output:
+        count = tag_stream(
+            tagger, items, output.stream, args.output_format, progress=not args.quiet, report=report
+        )
+        if not opened:
+            output.discard()
+    if not opened:
+        print("error: no input could be read", file=sys.stderr)
+        return 1
     if problems:
-        _progress(f"tagged {count} sentences; {len(problems)} malformed line(s) skipped")
+        _progress(f"tagged {count} sentences; {len(problems)} warning(s) above")
     return 0
 
 
@@ -314,6 +435,8 @@ def _bench(args: argparse.Namespace) -> int:
         return ops.main(argv + ["--quick"] * args.quick)
     from pyxtask.bench import steps  # noqa: PLC0415
 
+    if not sys.stderr.isatty():  # a log file would hold every redraw of every bar
+        _no_transformers_bars()
     try:
         return steps.run(args)
     except steps.BenchOptionError as exc:  # a bad option value: one line, no traceback
@@ -321,14 +444,18 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
 
 
-def _train(args: argparse.Namespace) -> None:
+def _no_transformers_bars() -> None:
     import transformers  # noqa: PLC0415
 
+    cast(Any, transformers).utils.logging.disable_progress_bar()
+
+
+def _train(args: argparse.Namespace) -> None:
     from pyxtask.experiment import run_experiment  # noqa: PLC0415
 
     config = _train_config(args)
     # The run's own tqdm bars say what is happening; transformers' per-save bars are noise.
-    cast(Any, transformers).utils.logging.disable_progress_bar()
+    _no_transformers_bars()
     result = run_experiment(config, resume=args.resume, progress=not args.quiet, log=_progress)
     print(result.table())
     print(f"run folder: {config.output} (summary.json, metrics.jsonl, weights.csv, *.png, best/)")
@@ -336,60 +463,96 @@ def _train(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
-    from pyxtask.serving.bundle import BundleError  # noqa: PLC0415
-
     args = _parser().parse_args(argv)
-    errors: tuple[type[BaseException], ...] = (BundleError, OSError)
     try:
-        if args.command in ("tag", "serve"):  # torch-free paths
-            try:
-                if args.command == "tag":
-                    return _tag(args)
-                _serve(args)
-            except errors as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
-            return 0
-        return _torch_command(args)
+        return _run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def _torch_command(args: argparse.Namespace) -> int:
-    from pyxtask.config import ConfigError  # noqa: PLC0415
-    from pyxtask.data import corpora  # noqa: PLC0415
-    from pyxtask.export import ExportError  # noqa: PLC0415
-    from pyxtask.serving.bundle import BundleError  # noqa: PLC0415
-
-    try:
-        if args.command == "bench":
-            return _bench(args)
-        if args.command == "train":
-            _train(args)
-        elif args.command == "export":
-            _export(args)
-        elif args.action == "list":
-            for name in corpora.list_corpora():
-                corpus = corpora.get_corpus(name)
-                state = "prepared" if corpora.cached_card(name) is not None else "not prepared"
-                print(f"{name:<14} {state:<13} {corpus.description}")
-        elif args.action == "prepare":
-            card = corpora.prepare(args.name, args.cache, progress=_progress)
-            print(card.text())
-        else:
-            print(corpora.info(args.name, args.cache))
-    except (
-        corpora.CorpusError,
-        corpora.FetchError,
-        ConfigError,
-        ExportError,
-        BundleError,
-        OSError,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        _report(exc, args)
         return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "tag":  # tag and serve: torch-free paths
+        return _tag(args)
+    if args.command == "serve":
+        _serve(args)
+        return 0
+    missing = _missing_dependency(args.command)
+    if missing is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
+    if args.command == "bench":
+        return _bench(args)
+    if args.command == "train":
+        _train(args)
+    elif args.command == "export":
+        _export(args)
+    else:
+        _data(args)
     return 0
+
+
+def _data(args: argparse.Namespace) -> None:
+    from pyxtask.data import corpora  # noqa: PLC0415
+    from pyxtask.data import files  # noqa: PLC0415
+
+    if args.action == "list":
+        for name in corpora.list_corpora():
+            corpus = corpora.get_corpus(name)
+            state = "prepared" if corpora.cached_card(name) is not None else "not prepared"
+            print(f"{name:<14} {state:<13} {corpus.description}")
+    elif args.action == "prepare":
+        card = corpora.prepare(args.name, args.cache, progress=_progress)
+        print(card.text())
+    elif files.is_task_file(args.name):
+        print(files.card(*files.infer_task(args.name)))
+    else:
+        print(corpora.info(args.name, args.cache))
+
+
+def _missing_dependency(command: str) -> str | None:
+    """What to install when a module ``command`` needs cannot be imported, else None."""
+    needs = _NEEDS.get(command, ())
+    for module in needs:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            return (
+                f"pyxtask {command} needs {' and '.join(needs)}, and {module} cannot be "
+                f"imported ({exc}); install: pip install {' '.join(needs)}"
+            )
+    return None
+
+
+def _report(exc: Exception, args: argparse.Namespace) -> None:
+    """One ``error:`` line on stderr; with ``--debug`` the traceback before it."""
+    if args.debug:
+        traceback.print_exc()
+    if isinstance(exc, _user_errors()):
+        print(f"error: {exc}", file=sys.stderr)
+        return
+    name = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if name and not name.startswith("pyxtask"):
+        needed = name.split(".")[0]
+        print(f"error: pyxtask {args.command} needs {needed} ({exc})", file=sys.stderr)
+    elif not args.debug:  # the traceback already ends with the exception's type and message
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(
+            f"error: {type(exc).__name__}: {message} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [OSError]
+    for module, name in _USER_ERRORS:
+        error = getattr(sys.modules.get(module), name, None)
+        if isinstance(error, type) and issubclass(error, BaseException):
+            found.append(error)
+    return tuple(found)
 
 
 if __name__ == "__main__":

@@ -541,7 +541,7 @@ def _tasks_from_files(values: dict[str, Any], source: str, base: Path | None) ->
     """A target or source given as a data file or corpus definition becomes a task table of
     its own, named after the file; the task list then names it."""
     tasks = dict(values.get("tasks", {}))
-    names = {"target": values.get("target"), "sources": values.get("sources", [])}
+    names = {"target": values.get("target"), "sources": values.get("sources")}
 
     def named(entry: Any) -> Any:
         if not isinstance(entry, str) or entry in tasks or not _is_task_file(entry):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pyxtask import checkpoint
-from pyxtask.config import COMPARISONS, STREAM_METHODS, TrainConfig
+from pyxtask.config import COMPARISONS, STREAM_METHODS, ConfigError, TrainConfig
 from pyxtask.tasks import TaskData, load_tasks
 from pyxtask.trainer import Trainer
 
@@ -119,6 +120,11 @@ def run_single(
     return summary
 
 
+def _holds_run(folder: Path) -> bool:
+    """Whether a run was started in ``folder``: its own, or the pre-training sweep's (c=*/)."""
+    return (folder / "config.json").is_file() or any(folder.glob("c=*/config.json"))
+
+
 def run_experiment(
     config: TrainConfig,
     *,
@@ -126,14 +132,22 @@ def run_experiment(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> RunResult:
-    """The main run in ``config.output``, each ``compare`` baseline in ``output/compare/NAME``."""
+    """The main run in ``config.output``, each ``compare`` baseline in ``output/compare/NAME``.
+
+    ``resume`` continues the run that ``config.output`` holds (a :class:`ConfigError` if it
+    holds none); the folder may have been moved or copied since.
+    """
     config.validate()
     out = Path(config.output)
+    if resume and not _holds_run(out):
+        raise ConfigError(
+            f"--resume: {os.fspath(out)} holds no run (no checkpoint); drop --resume to start "
+            "a new run"
+        )
     tasks = load_tasks(config)
-    log(
-        f"{config.label}: target {config.target} ({len(tasks[0].train)} sentences), sources "
-        + ", ".join(f"{t.name} ({len(t.train)})" for t in tasks[1:])
-    )
+    target = f"{config.target} ({len(tasks[0].train)} sentences)"
+    sources = ", ".join(f"{t.name} ({len(t.train)})" for t in tasks[1:]) or "none"
+    log(f"{config.label}: target {target}, sources {sources}")
     main = run_single(config, out, resume=resume, progress=progress, tasks=tasks, log=log)
     baselines: dict[str, dict[str, Any]] = {}
     for name in config.compare:

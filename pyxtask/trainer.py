@@ -74,6 +74,20 @@ def split_holdout(
     return [e for i, e in enumerate(examples) if i not in out], [examples[i] for i in sorted(out)]
 
 
+def _same_run(saved: str, current: str) -> bool:
+    """Whether two ``config.json`` texts describe the same run. The output folder is not part
+    of it: a run folder that was moved or copied resumes where it is now."""
+    try:
+        a, b = json.loads(saved), json.loads(current)
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return False
+    a.pop("output", None)
+    b.pop("output", None)
+    return bool(a == b)
+
+
 class Trainer:
     """One run of ``config`` in ``run_dir``; :meth:`fit` trains, evaluates and writes it all.
 
@@ -451,7 +465,7 @@ class Trainer:
                 f"{os.fspath(self.run_dir)!r} already holds a run; resume it "
                 "(pyxtask train --resume) or choose another output folder"
             )
-        if config_path.read_text() != self._config_text:
+        if not _same_run(config_path.read_text(), self._config_text):
             raise ConfigError(
                 f"{os.fspath(config_path)} differs from this config; a run resumes only with "
                 "the configuration it was started with"
@@ -478,16 +492,34 @@ class Trainer:
         }
         ckpt_path = self.run_dir / _CHECKPOINT
         if resume and ckpt_path.exists():
-            saved = checkpoint.load(ckpt_path)
-            self.model.load_state_dict(saved["model"])
+            # Everything is checked before the logs are cut back: a checkpoint that cannot be
+            # resumed from leaves the folder as it was.
+            saved = checkpoint.load(ckpt_path, keys=[*state, "model", "logs"])
+            self._load_model_state(ckpt_path, saved["model"])
             self._truncate_logs(saved["logs"])
             state.update({k: saved[k] for k in state})
+            # A moved or copied run says where it is now.
+            checkpoint.write_text(self.run_dir / "config.json", self._config_text)
         else:
             for name in (*_LOGS, _SUMMARY):
                 (self.run_dir / name).unlink(missing_ok=True)
             checkpoint.write_text(self.run_dir / "config.json", self._config_text)
         self.ctx.global_step = int(state["global_step"])
         return state
+
+    def _load_model_state(self, path: Path, weights: Any) -> None:
+        try:
+            self.model.load_state_dict(weights)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            # torch's message: a header line ("Error(s) in loading ...:"), then what differs.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [repr(exc)]
+            reason = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+            if len(reason) > 120:
+                reason = reason[:117] + "..."
+            raise checkpoint.CheckpointError(
+                f"{os.fspath(path)}: its model does not fit this run's ({reason}); "
+                f"{checkpoint.REMEDY}"
+            ) from exc
 
     def _start_phase(
         self, phase_index: int, state: dict[str, Any]

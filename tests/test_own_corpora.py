@@ -348,7 +348,7 @@ def test_own_conll_file_as_a_source_beside_a_named_target(tmp_path, capsys):
     assert cli.main(args) == 0, capsys.readouterr().err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["sources"] == ["helper"]
-    assert summary["train_examples"] == {"wsj-pos.pos": 20, "helper": 40}
+    assert summary["train_examples"]["helper"] == 40  # the target's count is of windows
 
 
 def test_data_info_on_a_definition_reports_labels_missing_from_train(tmp_path, capsys):
@@ -358,4 +358,4 @@ def test_data_info_on_a_definition_reports_labels_missing_from_train(tmp_path, c
     card = capsys.readouterr().out
     assert card.startswith("mine: token task")
     assert "not in train (1): NEW" in card
-    assert re.search(rf"test +2 examples +3 labels +{re.escape(tables['test'])}", card)
+    assert re.search(rf"test +2 sentences +3 tokens +{re.escape(tables['test'])}", card)

@@ -722,7 +722,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    for case in tqdm(cases, file=sys.stderr, desc="bench_ops", unit="case"):
+    # disable=None: no bar when stderr is not a terminal (CI logs would keep every redraw).
+    for case in tqdm(cases, file=sys.stderr, desc="bench_ops", unit="case", disable=None):
         row: dict[str, Any] = {"op": case.op, "dtype": case.dtype, "shape": case.shape}
         row.update(case.run(timer))
         rows.append(row)

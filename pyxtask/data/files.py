@@ -352,8 +352,12 @@ def card(name: str, task: FileTask) -> str:
     for split in _SPLITS:
         examples = splits[split]
         where = given.get(split) or f"carved from train (seeded, {_share(task, split):.0%})"
-        tokens = sum(len(e.words) if isinstance(e, TaggedSentence) else 1 for e in examples)
-        lines.append(f"  {split:<6}{len(examples):>8,} examples {tokens:>10,} labels  {where}")
+        if kind_of(task) == "token":
+            tokens = sum(len(e.words) for e in examples if isinstance(e, TaggedSentence))
+            size = f"{len(examples):>8,} sentences {tokens:>10,} tokens"
+        else:
+            size = f"{len(examples):>8,} texts"
+        lines.append(f"  {split:<6}{size}  {where}")
     counts = Counter(label for e in splits["train"] for label in label_of(e))
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     shown = ", ".join(f"{label} {n:,}" for label, n in ranked[:20])

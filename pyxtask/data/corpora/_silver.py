@@ -213,7 +213,7 @@ def label_sentences(
         total=len(sentences),
         desc="silver labels",
         unit="sent",
-        disable=not show_progress,
+        disable=None if show_progress else True,  # None: no bar when not on a terminal
         file=sys.stderr,
     )
     for doc, words in zip(bar, sentences, strict=True):
