@@ -171,7 +171,7 @@ class MetaXTMethod(Method):
         gamma1: float = 1.0,
         gamma2: float = 1.0,
         eta: float = 1e-2,
-        lr: float = 1e-3,
+        lr: float = 3e-4,
         fd_eps: float = 0.01,
         meta_fraction: float = 0.5,
         label_dim: int = 64,
