@@ -183,36 +183,22 @@ def _with_new_test_label(tmp_path):
     return {"train": os.fspath(train), "test": os.fspath(test)}
 
 
-def test_a_label_seen_only_in_test_names_its_file_and_line(tmp_path):
+def _unseen_config(tmp_path, **extra):
     tables = {"mine": _with_new_test_label(tmp_path)}
-    config = from_mapping(
-        {
-            "target": "mine",
-            "paradigm": "single",
-            "method": "fixed",
-            "target_size": 10,
-            "tasks": tables,
-        }
-    )
+    single = {"paradigm": "single", "method": "fixed", "target_size": 10}
+    return from_mapping({"target": "mine", **single, "tasks": tables, **extra})
+
+
+def test_a_label_seen_only_in_test_names_its_file_and_line(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load_tasks(config)
+        load_tasks(_unseen_config(tmp_path))
     message = str(info.value)
     assert f"{tmp_path / 'test.conll'}:1: label 'NEW'" in message
     assert "unseen_labels" in message
 
 
 def test_unseen_labels_unknown_maps_them_and_keeps_the_rest(tmp_path):
-    tables = {"mine": _with_new_test_label(tmp_path)}
-    config = from_mapping(
-        {
-            "target": "mine",
-            "paradigm": "single",
-            "method": "fixed",
-            "target_size": 10,
-            "tasks": tables,
-            "unseen_labels": "unknown",
-        }
-    )
+    config = _unseen_config(tmp_path, unseen_labels="unknown")
     target = load_tasks(config)[0]
     assert target.test[0].tags == ("A", UNKNOWN_LABEL)
     assert target.test[1].tags == ("B",)
