@@ -2,8 +2,11 @@
 ``pyxtask train [CONFIG] [--key value ...] [--resume]``, ``pyxtask export RUN_DIR --out
 BUNDLE``, ``pyxtask tag BUNDLE [FILE ...]`` and ``pyxtask serve BUNDLE``.
 
-``tag`` and ``serve`` import nothing that needs torch, so a serving machine needs only
-onnxruntime, numpy, tokenizers (and fastapi/uvicorn to serve).
+``tag`` and ``serve`` are :mod:`pyxtask.serving.cli`, run before this module builds its own
+parser: they import nothing that needs torch (not even :mod:`pyxtask.bench` for the
+parser), so a serving machine needs only onnxruntime, numpy, tokenizers (and
+fastapi/uvicorn to serve), which is what the ``pyxtask-serve`` distribution installs. This
+module imports whatever a torch-side command needs inside that command.
 
 Errors a user can act on (an unknown corpus or task, a bad config key, a failed download, a
 checksum mismatch, an unreadable checkpoint, missing training dependencies) print one
@@ -16,11 +19,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import Any, cast
 
-from pyxtask.bench import add_arguments
+from pyxtask.serving import cli as serving_cli
+from pyxtask.serving.cli import progress as _progress
 
 
 def _size(text: str) -> int | str:
@@ -115,7 +118,7 @@ _NEEDS = {
 # Errors a user can act on (module, class): the message says what is wrong and what to do.
 # Looked up among the modules loaded so far, so tag and serve never import torch for them.
 _USER_ERRORS = [
-    ("pyxtask.serving.bundle", "BundleError"),
+    *serving_cli.USER_ERRORS,
     ("pyxtask.config", "ConfigError"),
     ("pyxtask.data.corpora", "CorpusError"),
     ("pyxtask.data.corpora", "FetchError"),
@@ -128,18 +131,14 @@ _USER_ERRORS = [
 __all__ = ["main"]
 
 
-def _progress(line: str) -> None:
-    # Progress goes to stderr so stdout stays the card, fit for redirecting to a file.
-    print(line, file=sys.stderr, flush=True)
-
-
 def _parser() -> argparse.ArgumentParser:
+    from pyxtask.bench import add_arguments  # noqa: PLC0415 -- tag and serve never need it
+
     parser = argparse.ArgumentParser(
         prog="pyxtask",
         description="Cross-task learning: prepare corpora, train with source tasks, export the "
         "target model, tag and serve with it.",
     )
-    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="named corpora: list, prepare, info")
     actions = data.add_subparsers(dest="action", required=True)
@@ -206,86 +205,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
 
-    tag = commands.add_parser("tag", help="tag files or stdin with an exported bundle")
-    tag.add_argument("bundle", metavar="BUNDLE", help="an exported bundle folder")
-    tag.add_argument(
-        "inputs", nargs="*", metavar="FILE", help="input files (default: stdin; '-' is stdin)"
-    )
-    tag.add_argument(
-        "--format",
-        default="text",
-        choices=["text", "conll", "jsonl"],
-        help="input: one sentence per line (text), CoNLL words, or JSONL",
-    )
-    tag.add_argument(
-        "--output-format",
-        default="conll",
-        choices=["conll", "jsonl"],
-        help="output: CoNLL word-tag columns or JSONL (default conll)",
-    )
-    tag.add_argument("--output", "-o", metavar="FILE", help="output file (default: stdout)")
-    tag.add_argument(
-        "--variant", default="fp32", metavar="NAME", help="fp32 | fp16 | int8 (if exported)"
-    )
-    tag.add_argument(
-        "--batch-size",
-        type=int,
-        metavar="N",
-        help="windows per model call (default 32; int8: 1, see Tagger)",
-    )
-    tag.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads")
-    tag.add_argument("--quiet", action="store_true", help="no progress bar")
-
+    serving_cli.add_tag(commands)
     bench = commands.add_parser(
         "bench",
         help="time every method's step (and the peers') against the plain step; --ops: the ops",
     )
     add_arguments(bench)
-
-    serve = commands.add_parser("serve", help="serve a bundle over HTTP (POST /v1/tag)")
-    serve.add_argument("bundle", metavar="BUNDLE", help="an exported bundle folder")
-    serve.add_argument(
-        "--host", default="127.0.0.1", metavar="HOST", help="address (default 127.0.0.1)"
-    )
-    serve.add_argument("--port", type=int, default=8000, metavar="N", help="port (default 8000)")
-    serve.add_argument(
-        "--variant", default="fp32", metavar="NAME", help="fp32 | fp16 | int8 (if exported)"
-    )
-    serve.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads")
-    serve.add_argument(
-        "--max-batch", type=int, default=64, metavar="N", help="sentences per model call"
-    )
-    serve.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=0.0,
-        metavar="X",
-        help="how long a batch waits for more requests (default 0: it takes what queued "
-        "while the model ran; a wait pays on GPUs, where bigger batches are cheaper)",
-    )
-    serve.add_argument(
-        "--no-access-log",
-        dest="access_log",
-        action="store_false",
-        help="no log line per request (uvicorn's access log; errors are still logged)",
-    )
-    _add_debug(commands)
+    serving_cli.add_serve(commands)
+    serving_cli.add_debug(parser, commands)
     return parser
-
-
-_DEBUG_HELP = "print an error's traceback (default: one error line)"
-
-
-def _add_debug(commands: Any) -> None:
-    """``--debug`` after the subcommand too (``pyxtask train --debug``)."""
-    for sub in commands.choices.values():
-        # SUPPRESS: absent here, it leaves the top-level flag's value alone.
-        sub.add_argument(
-            "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
-        )
-        for action in sub._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                _add_debug(action)
 
 
 def _train_config(args: argparse.Namespace) -> Any:
@@ -374,58 +302,6 @@ def _export(args: argparse.Namespace) -> None:
         print(f"  {name:<5} {variant['file']:<18} {fused:<8} {measured}")
 
 
-def _tag(args: argparse.Namespace) -> int:
-    """Tag the inputs (see :mod:`pyxtask.serving.files` for what is skipped and why).
-
-    Every problem (a malformed line, invalid UTF-8, an input that cannot be read, a word left
-    untagged) is one ``warning: file:line: problem`` on stderr, and the rest is still tagged.
-    Exit status: 0 when every input that could be opened was tagged, warnings or not (a count
-    of them closes the run), as it always was for malformed lines; 1 with ``error:`` when no
-    input could be opened at all (an existing ``--output`` file is then left untouched).
-    With ``--output`` the file appears only once the run is complete; a run that stops early
-    leaves its output so far in ``FILE.partial``.
-    """
-    from pyxtask.serving.files import Output, read_inputs, tag_stream  # noqa: PLC0415
-    from pyxtask.serving.tagger import Tagger  # noqa: PLC0415
-
-    tagger = Tagger(args.bundle, args.variant, batch_size=args.batch_size, threads=args.threads)
-    problems: list[str] = []
-
-    def report(line: str) -> None:
-        problems.append(line)
-        print(f"warning: {line}", file=sys.stderr, flush=True)
-
-    opened: list[str] = []
-    items = read_inputs(args.inputs or ["-"], args.format, report, opened=opened)
-    with Output(args.output, report) as output:
-        count = tag_stream(
-            tagger, items, output.stream, args.output_format, progress=not args.quiet, report=report
-        )
-        if not opened:
-            output.discard()
-    if not opened:
-        print("error: no input could be read", file=sys.stderr)
-        return 1
-    if problems:
-        _progress(f"tagged {count} sentences; {len(problems)} warning(s) above")
-    return 0
-
-
-def _serve(args: argparse.Namespace) -> None:
-    from pyxtask.serving.server import serve  # noqa: PLC0415
-
-    serve(
-        args.bundle,
-        host=args.host,
-        port=args.port,
-        variant=args.variant,
-        threads=args.threads,
-        max_batch_sentences=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        access_log=args.access_log,
-    )
-
-
 def _bench(args: argparse.Namespace) -> int:
     if args.ops:
         from pyxtask.bench import ops  # noqa: PLC0415
@@ -463,22 +339,18 @@ def _train(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
-    args = _parser().parse_args(argv)
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        _report(exc, args)
-        return 1
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if serving_cli.command_of(argv) in serving_cli.COMMANDS:
+        # The same code as pyxtask-serve's, and no torch-side parser (bench's options) built.
+        return serving_cli.main(argv)
+    return serving_cli.run_guarded(_parser().parse_args(argv), _run, _USER_ERRORS)
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "tag":  # tag and serve: torch-free paths
-        return _tag(args)
+    if args.command == "tag":  # reached only when command_of could not tell (pyxtask --deb tag)
+        return serving_cli.tag(args)
     if args.command == "serve":
-        _serve(args)
+        serving_cli.serve(args)
         return 0
     missing = _missing_dependency(args.command)
     if missing is not None:
@@ -496,8 +368,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> None:
-    from pyxtask.data import corpora  # noqa: PLC0415
-    from pyxtask.data import files  # noqa: PLC0415
+    from pyxtask.data import corpora, files  # noqa: PLC0415
 
     if args.action == "list":
         for name in corpora.list_corpora():
@@ -525,34 +396,6 @@ def _missing_dependency(command: str) -> str | None:
                 f"imported ({exc}); install: pip install {' '.join(needs)}"
             )
     return None
-
-
-def _report(exc: Exception, args: argparse.Namespace) -> None:
-    """One ``error:`` line on stderr; with ``--debug`` the traceback before it."""
-    if args.debug:
-        traceback.print_exc()
-    if isinstance(exc, _user_errors()):
-        print(f"error: {exc}", file=sys.stderr)
-        return
-    name = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
-    if name and not name.startswith("pyxtask"):
-        needed = name.split(".")[0]
-        print(f"error: pyxtask {args.command} needs {needed} ({exc})", file=sys.stderr)
-    elif not args.debug:  # the traceback already ends with the exception's type and message
-        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(
-            f"error: {type(exc).__name__}: {message} (run with --debug for the traceback)",
-            file=sys.stderr,
-        )
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    found: list[type[BaseException]] = [OSError]
-    for module, name in _USER_ERRORS:
-        error = getattr(sys.modules.get(module), name, None)
-        if isinstance(error, type) and issubclass(error, BaseException):
-            found.append(error)
-    return tuple(found)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+# Loading the extension registers torch.ops.pyxtask.*, or fails saying how to rebuild it.
+from pyxtask import _extension  # noqa: F401
+
 __all__ = [
     "MAX_TASKS",
     "OP_NAMES",

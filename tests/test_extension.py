@@ -1,4 +1,5 @@
-"""A missing or stale extension must fail at import with a message that says how to
+"""A missing or stale extension must fail at import (of pyxtask.ops, which everything that
+uses the ops imports; `import pyxtask` itself loads nothing) with a message that says how to
 rebuild (never a silent fall-back to Python)."""
 
 import os
@@ -15,7 +16,7 @@ def import_in(tree: Path) -> subprocess.CompletedProcess:
     # -S: no site hooks, so an editable install of the real checkout can't shadow the copy.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *site.getsitepackages()])}
     return subprocess.run(
-        [sys.executable, "-S", "-c", "import pyxtask"],
+        [sys.executable, "-S", "-c", "import pyxtask.ops"],
         cwd=tree,
         env=env,
         capture_output=True,
