@@ -84,6 +84,22 @@ class GradientStats:
         return torch.where(denom > 0, self.gram / safe, torch.zeros_like(denom))
 
 
+#: Row stride of the T x P buffer, in bytes: a multiple of the widest vector load of the
+#: kernels that read it (16 B on CUDA) and of a cache line (64 B).
+_ROW_ALIGN_BYTES = 64
+
+
+def _padded_rows(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised ``rows x cols`` matrix whose row stride is padded to
+    ``_ROW_ALIGN_BYTES``: every row then starts aligned (the allocator aligns the first one),
+    which the vectorised Gram and gather kernels need; with ``torch.empty(rows, cols)`` any
+    P not a multiple of the vector width sends them to their scalar path. The ops take any
+    row stride and never read the padding, so the values are those of a contiguous buffer."""
+    per_line = max(1, _ROW_ALIGN_BYTES // dtype.itemsize)
+    stride = -(-cols // per_line) * per_line
+    return torch.empty(rows, stride, dtype=dtype, device=device)[:, :cols]
+
+
 def _as_weights(weights: Tensor | Sequence[float], num_tasks: int) -> list[float]:
     values = [float(w) for w in (weights.tolist() if isinstance(weights, Tensor) else weights)]
     if len(values) != num_tasks:
@@ -207,7 +223,10 @@ class TaskGradients:
 
     @property
     def buffer(self) -> Tensor | None:
-        """The T x P gradient buffer of the last buffer-mode backward (None in streaming)."""
+        """The T x P gradient buffer of the last buffer-mode backward (None in streaming).
+
+        Each row is contiguous; the rows are padded apart (see ``_padded_rows``), so the
+        matrix itself is not: ``.contiguous()`` before ``.view``."""
         return self._buffer
 
     def close(self) -> None:
@@ -319,9 +338,7 @@ class TaskGradients:
     ) -> GradientStats:
         T = self.num_tasks
         if self._buffer is None:
-            self._buffer = torch.empty(
-                T, self.num_parameters, dtype=self._buffer_dtype, device=self._device
-            )
+            self._buffer = _padded_rows(T, self.num_parameters, self._buffer_dtype, self._device)
         G = self._buffer
         if not accumulate:
             self._previous = [p.grad for p in self._params]

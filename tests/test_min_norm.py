@@ -140,3 +140,28 @@ def test_min_norm_point_cuda_matches_cpu(method):
         cpu = pyxtask.ops.min_norm_point(M, method=method)
         gpu = pyxtask.ops.min_norm_point(M.cuda(), method=method).cpu()
         assert float((cpu - gpu) @ M @ (cpu - gpu)) <= 1e-9 * float(M.diagonal().max())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", [*METHODS, "plain"])
+def test_min_norm_point_cuda_is_the_cpu_bitwise(method):
+    """One solver (min_norm_solver.h) on both devices, and no FMA contraction on either:
+    every iterate, hence the solution, has the same bits. Includes supports whose KKT
+    system is singular (repeated and zero rows) and fp32 input."""
+    rng = np.random.default_rng(7)
+    cases = []
+    for t, p in [(2, 5), (3, 1), (3, 50), (5, 3), (8, 100), (17, 40), (33, 1000), (64, 20)]:
+        for _ in range(3):
+            G = rng.standard_normal((t, p)) + rng.standard_normal(p)
+            cases.append(G @ G.T)
+    G = rng.standard_normal((12, 30))
+    G[5] = G[2]  # a repeated task
+    G[7] = 0  # a task without gradient
+    cases.append(G @ G.T)
+    cases.append(np.zeros((4, 4)))
+    for m in cases:
+        M = torch.from_numpy(m)
+        for dtype in (torch.float64, torch.float32):
+            cpu = pyxtask.ops.min_norm_point(M.to(dtype), method=method)
+            gpu = pyxtask.ops.min_norm_point(M.to(dtype).cuda(), method=method).cpu()
+            assert torch.equal(cpu, gpu), (method, m.shape, dtype, (cpu - gpu).abs().max())

@@ -85,23 +85,26 @@ void for_each_batch(const std::vector<Segment>& segments, Fn fn) {
   if (batch.count > 0) fn(batch, batch.chunk_begin[batch.count]);
 }
 
-// gather_flat moves bits: E is an unsigned integer of the element size.
+// gather_flat moves bits: E is an unsigned integer of the element size. Source and
+// destination never overlap (a gradient is not a slice of the buffer it is gathered into):
+// __restrict__ lets the loads of an unrolled loop run ahead of its stores.
 template <typename E>
 __global__ void __launch_bounds__(kThreads) gather_kernel(const Batch batch) {
   const Piece piece = block_piece(batch);
-  const E* src = static_cast<const E*>(piece.seg.src);
-  E* dst = static_cast<E*>(piece.seg.dst) + piece.seg.offset;
+  const E* __restrict__ src = static_cast<const E*>(piece.seg.src);
+  E* __restrict__ dst = static_cast<E*>(piece.seg.dst) + piece.seg.offset;
+  const int64_t begin = piece.begin, end = piece.end;
   constexpr int kLanes = sizeof(uint4) / sizeof(E);
   // Chunks start at multiples of kChunk elements, so aligned bases keep every chunk aligned.
   if ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) % sizeof(uint4) == 0) {
-    const int64_t v_begin = piece.begin / kLanes;
-    const int64_t v_end = piece.end / kLanes;
-    const uint4* s4 = reinterpret_cast<const uint4*>(src);
-    uint4* d4 = reinterpret_cast<uint4*>(dst);
+    const int64_t v_begin = begin / kLanes;
+    const int64_t v_end = end / kLanes;
+    const uint4* __restrict__ s4 = reinterpret_cast<const uint4*>(src);
+    uint4* __restrict__ d4 = reinterpret_cast<uint4*>(dst);
     for (int64_t v = v_begin + threadIdx.x; v < v_end; v += kThreads) d4[v] = s4[v];
-    for (int64_t k = v_end * kLanes + threadIdx.x; k < piece.end; k += kThreads) dst[k] = src[k];
+    for (int64_t k = v_end * kLanes + threadIdx.x; k < end; k += kThreads) dst[k] = src[k];
   } else {
-    for (int64_t k = piece.begin + threadIdx.x; k < piece.end; k += kThreads) dst[k] = src[k];
+    for (int64_t k = begin + threadIdx.x; k < end; k += kThreads) dst[k] = src[k];
   }
 }
 
@@ -146,16 +149,18 @@ __global__ void __launch_bounds__(kThreads)
   for (int t = threadIdx.x; t < t_count; t += kThreads) ws[t] = w[t];
   __syncthreads();
   const Piece piece = block_piece(batch);
-  DT* dst = static_cast<DT*>(piece.seg.dst);
-  const GT* gp = g + piece.seg.offset;
+  // g is __restrict__ already: the destinations are not rows of G.
+  DT* __restrict__ dst = static_cast<DT*>(piece.seg.dst);
+  const GT* __restrict__ gp = g + piece.seg.offset;
+  const int64_t end = piece.end;
   // Several elements per thread keep several loads of each row in flight.
   constexpr int kPer = 4;
-  for (int64_t k0 = piece.begin + threadIdx.x; k0 < piece.end; k0 += kThreads * kPer) {
+  for (int64_t k0 = piece.begin + threadIdx.x; k0 < end; k0 += kThreads * kPer) {
     Acc acc[kPer];
 #pragma unroll
     for (int e = 0; e < kPer; ++e) {
       const int64_t k = k0 + e * kThreads;
-      acc[e] = (accumulate && k < piece.end) ? static_cast<Acc>(dst[k]) : Acc(0);
+      acc[e] = (accumulate && k < end) ? static_cast<Acc>(dst[k]) : Acc(0);
     }
     for (int t = 0; t < t_count; ++t) {
       const GT* row = gp + t * ldg;
@@ -163,13 +168,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int e = 0; e < kPer; ++e) {
         const int64_t k = k0 + e * kThreads;
-        if (k < piece.end) acc[e] += wt * static_cast<Acc>(row[k]);
+        if (k < end) acc[e] += wt * static_cast<Acc>(row[k]);
       }
     }
 #pragma unroll
     for (int e = 0; e < kPer; ++e) {
       const int64_t k = k0 + e * kThreads;
-      if (k < piece.end) dst[k] = static_cast<DT>(acc[e]);
+      if (k < end) dst[k] = static_cast<DT>(acc[e]);
     }
   }
 }
@@ -218,15 +223,28 @@ void scatter_combination_cuda(const at::Tensor& G_in, const at::Tensor& weights,
   staging.write_back(tensors, accumulate);
 }
 
+// t and v never share memory here: add_scaled_cuda sends a vector that overlaps its
+// tensor (t += alpha * t, say) through ATen.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) add_scaled_kernel(const Batch batch, double alpha) {
   using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const Piece piece = block_piece(batch);
-  T* t = static_cast<T*>(piece.seg.dst);
-  const T* v = static_cast<const T*>(piece.seg.src);
+  T* __restrict__ t = static_cast<T*>(piece.seg.dst);
+  const T* __restrict__ v = static_cast<const T*>(piece.seg.src);
+  const int64_t end = piece.end;
   const Acc a = static_cast<Acc>(alpha);
-  for (int64_t k = piece.begin + threadIdx.x; k < piece.end; k += kThreads)
+  for (int64_t k = piece.begin + threadIdx.x; k < end; k += kThreads)
     t[k] = static_cast<T>(static_cast<Acc>(t[k]) + a * static_cast<Acc>(v[k]));
+}
+
+// Whether the element ranges of two flat tensors overlap.
+bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto a0 = reinterpret_cast<uintptr_t>(a.const_data_ptr());
+  const auto b0 = reinterpret_cast<uintptr_t>(b.const_data_ptr());
+  const auto a1 = a0 + static_cast<uintptr_t>(a.numel() * a.element_size());
+  const auto b1 = b0 + static_cast<uintptr_t>(b.numel() * b.element_size());
+  return a0 < b1 && b0 < a1;
 }
 
 void add_scaled_cuda(at::TensorList tensors, at::TensorList vectors, double alpha) {
@@ -235,7 +253,9 @@ void add_scaled_cuda(at::TensorList tensors, at::TensorList vectors, double alph
   c10::cuda::CUDAGuard guard(tensors[0].device());
   std::vector<size_t> fused;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    if (tensors[i].is_contiguous() && detail::is_flat(vectors[i], tensors[i].scalar_type())) {
+    // A vector that overlaps its tensor would break the kernel's __restrict__: ATen takes it.
+    if (tensors[i].is_contiguous() && detail::is_flat(vectors[i], tensors[i].scalar_type()) &&
+        !shares_memory(tensors[i], vectors[i])) {
       fused.push_back(i);
     } else {
       // As on the CPU: in the accumulation dtype, then one rounding.

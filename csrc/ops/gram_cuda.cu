@@ -1,16 +1,19 @@
 // Gram family on CUDA: gram(G) = G G^T, cross_gram(A, B) = A B^T, cosine_matrix(G).
 //
 // Memory-bound for T <= 16: G must be read once, at streaming bandwidth, for all T^2
-// products. Each thread walks columns grid-stride with vector loads and keeps the products
-// of one R x R tile of row pairs in registers, so every loaded element is reused R times
-// without shared memory. With T <= R (R up to 16) one tile covers the whole upper triangle
-// and G is read exactly once. Larger T (or cross_gram) is split into 8 x 8 tile pairs; the
-// blocks of all tile pairs of one column range are launched next to each other so that the
-// repeated reads of a row hit L2.
+// products. Each thread walks columns with vector loads and keeps the products of one
+// R x R tile of row pairs in registers, so every loaded element is reused R times without
+// shared memory. With T <= R (R up to 16) one tile covers the whole upper triangle and G is
+// read exactly once. Larger T (or cross_gram) is split into 8 x 8 tile pairs; the blocks of
+// all tile pairs of one column slice are launched next to each other so that the repeated
+// reads of a row hit L2.
 //
-// Each block writes its tile's sums to a per-column-group workspace in double; a one-block
-// kernel adds the groups in a fixed order, so a result only depends on the device's SM count
-// (which fixes the grid), never on scheduling.
+// The columns are cut into slices whose length depends on P and T only (launch_tiles). One
+// block computes one tile pair over one slice, each thread's fp32 sums going to double
+// after at most kSliceProducts products (the CPU kernel's bound), and writes the slice's
+// sums to a workspace in double; the slices are then added in a fixed order. Nothing
+// depends on the device's SM count or on scheduling: a result has the same bits on every
+// card and in every run.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -103,11 +106,12 @@ struct GramArgs {
   int64_t ldb;
   int tb;
   int64_t p;
+  int64_t steps;  // vector steps per thread in one slice
   int n_tiles_a;  // row tiles of a and of b
   int n_tiles_b;
-  int n_pairs;     // tile pairs handled per column group
+  int n_pairs;     // tile pairs per slice
   bool symmetric;  // tile pairs are (I, J) with I <= J, and b == a
-  double* ws;      // [n_groups][ta * tb] partial sums
+  double* ws;      // [n_slices][ta * tb] partial sums
 };
 
 // Which rows of a and b tile pair k covers.
@@ -125,17 +129,91 @@ __device__ inline void tile_pair(const GramArgs& args, int k, int& ti, int& tj) 
   }
 }
 
-// kUpper: a single diagonal tile (T <= R, symmetric); only j >= i is computed, so a 16-row G
-// costs 136 accumulators instead of 256. kVector: rows are aligned for Vec<In>::Raw loads.
+// The accumulators of an R x R tile, packed: all R * R products, or for kUpper only those
+// with j >= i (row by row), so that a 16-row triangle costs 136 registers instead of 256.
+template <int R, bool kUpper>
+struct TileShape {
+  static constexpr int kEntries = kUpper ? R * (R + 1) / 2 : R * R;
+  // Padded to a multiple of the warp size for warp_transpose_sum.
+  static constexpr int kPadded = (kEntries + 31) / 32 * 32;
+  __host__ __device__ static constexpr int index(int i, int j) {
+    return kUpper ? i * R - i * (i - 1) / 2 + (j - i) : i * R + j;
+  }
+  // The inverse of index(), at run time.
+  __device__ static void row_col(int e, int& i, int& j) {
+    if (kUpper) {
+      i = 0;
+      while (e >= R - i) {
+        e -= R - i;
+        ++i;
+      }
+      j = i + e;
+    } else {
+      i = e / R;
+      j = e % R;
+    }
+  }
+};
+
+// One level of warp_transpose_sum: lanes that differ in bit `off` each keep one half of
+// h[0 .. kLen), receive the partner's copy of it and add, leaving kLen / 2 values.
+template <int kLen, int N>
+__device__ inline void transpose_level(double (&h)[N], unsigned lane, unsigned off) {
+  const bool upper = lane & off;
+#pragma unroll
+  for (int i = 0; i < kLen / 2; ++i) {
+    const double lo = h[i], hi = h[i + kLen / 2];
+    h[i] = (upper ? hi : lo) + __shfl_xor_sync(0xffffffffu, upper ? lo : hi, off);
+  }
+}
+
+// Sums N values (N a multiple of 32) over the 32 lanes of a warp, in double, by recursive
+// halving: at each of the 5 levels a lane keeps half of its values and sends the other
+// half to the lane that keeps those, so the reduction costs N - N / 32 shuffles instead of
+// 5 N. On return lane l holds in out[m] the warp's sum of value l * (N / 32) + m. The
+// additions form a fixed tree: the result does not depend on timing.
+template <int N, typename Acc>
+__device__ inline void warp_transpose_sum(const Acc (&v)[N], double (&out)[N / 32]) {
+  static_assert(N % 32 == 0, "pad the values to a multiple of the warp size");
+  const unsigned lane = threadIdx.x % 32;
+  double h[N / 2];
+  {
+    // The first level converts to double as it goes: the fp32 values and their double
+    // sums are never all live at once.
+    const bool upper = lane & 16u;
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      const double lo = static_cast<double>(v[i]);
+      const double hi = static_cast<double>(v[i + N / 2]);
+      h[i] = (upper ? hi : lo) + __shfl_xor_sync(0xffffffffu, upper ? lo : hi, 16);
+    }
+  }
+  transpose_level<N / 2>(h, lane, 8);
+  transpose_level<N / 4>(h, lane, 4);
+  transpose_level<N / 8>(h, lane, 2);
+  transpose_level<N / 16>(h, lane, 1);
+#pragma unroll
+  for (int m = 0; m < N / 32; ++m) out[m] = h[m];
+}
+
+// One block computes one tile pair over one slice of columns: args.steps vector steps per
+// thread, thread t taking vectors slice * kThreads * steps + k * kThreads + t (k < steps),
+// so a warp reads contiguous memory. steps is at most kSliceProducts / W, so every fp32
+// accumulator adds at most kSliceProducts products (one more from the ragged end) before
+// its sum goes to double, as in the CPU kernel (one 16-lane register over a 4096-column
+// chunk): the same error bound. The block's sums go to the slice's row of the workspace.
+// kUpper: a single diagonal tile (T <= R, symmetric); only j >= i is computed. kVector:
+// rows are aligned for Vec<In>::Raw loads.
 template <typename In, int R, bool kUpper, bool kVector>
 __global__ void __launch_bounds__(kThreads) gram_tiles_kernel(const GramArgs args) {
   using V = Vec<In>;
   using Acc = typename V::Acc;
+  using Shape = TileShape<R, kUpper>;
   constexpr int W = kVector ? V::kLanes : 1;
+  constexpr int E = Shape::kEntries, EP = Shape::kPadded;
 
   const int pair = blockIdx.x % args.n_pairs;
-  const int group = blockIdx.x / args.n_pairs;
-  const int n_groups = gridDim.x / args.n_pairs;
+  const int64_t slice = blockIdx.x / args.n_pairs;
   int ti = 0, tj = 0;
   if (!kUpper) tile_pair(args, pair, ti, tj);
   const int row_a = ti * R, row_b = tj * R;
@@ -143,58 +221,76 @@ __global__ void __launch_bounds__(kThreads) gram_tiles_kernel(const GramArgs arg
   const int nb = min(R, args.tb - row_b);
   // Row addresses are recomputed from one base and the stride rather than kept in 2R
   // pointer registers, which the accumulators need more.
-  const In* a0 = static_cast<const In*>(args.a) + row_a * args.lda;
-  const In* b0 = static_cast<const In*>(args.b) + row_b * args.ldb;
+  const In* __restrict__ a0 = static_cast<const In*>(args.a) + row_a * args.lda;
+  const In* __restrict__ b0 = static_cast<const In*>(args.b) + row_b * args.ldb;
   const int64_t lda = args.lda, ldb = args.ldb;
 
-  Acc acc[R][R];
+  Acc acc[EP];  // the kEntries products, then zeros up to the warp-size multiple
 #pragma unroll
-  for (int i = 0; i < R; ++i) {
-#pragma unroll
-    for (int j = 0; j < R; ++j) acc[i][j] = Acc(0);
-  }
+  for (int e = 0; e < EP; ++e) acc[e] = Acc(0);
 
-  const int64_t tid = static_cast<int64_t>(group) * kThreads + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(n_groups) * kThreads;
   const int64_t n_vec = args.p / W;
-  for (int64_t v = tid; v < n_vec; v += stride) {
-    Acc x[R][W];
-    Acc y[kUpper ? 1 : R][W];
-    // All loads are issued before any product so that R row segments are in flight at once.
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (kVector) {
-        typename V::Raw raw{};
-        if (r < na) raw = reinterpret_cast<const typename V::Raw*>(a0 + r * lda)[v];
-        V::widen(raw, x[r]);
-      } else {
-        x[r][0] = r < na ? static_cast<Acc>(a0[r * lda + v]) : Acc(0);
-      }
-    }
-    if (!kUpper) {
+  const int64_t span = static_cast<int64_t>(kThreads) * args.steps;
+  const int64_t v_end = min(n_vec, (slice + 1) * span);
+  for (int64_t v = slice * span + threadIdx.x; v < v_end; v += kThreads) {
+    if constexpr (kVector) {
+      typename V::Raw xr[R];
+      typename V::Raw yr[kUpper ? 1 : R];
+      // All loads are issued before any product so that R (2R) row segments are in flight.
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        if (kVector) {
-          typename V::Raw raw{};
-          if (r < nb) raw = reinterpret_cast<const typename V::Raw*>(b0 + r * ldb)[v];
-          V::widen(raw, y[r]);
-        } else {
-          y[r][0] = r < nb ? static_cast<Acc>(b0[r * ldb + v]) : Acc(0);
+        xr[r] = {};
+        if (r < na) xr[r] = reinterpret_cast<const typename V::Raw*>(a0 + r * lda)[v];
+      }
+      if constexpr (!kUpper) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          yr[r] = {};
+          if (r < nb) yr[r] = reinterpret_cast<const typename V::Raw*>(b0 + r * ldb)[v];
         }
       }
-    }
+      // Widened one lane at a time: the 16-bit types then need R (2R) widened registers
+      // next to the raw ones instead of W R (2 W R), which a 16-row triangle can't spare.
+      // Each accumulator still adds its W products in lane order.
 #pragma unroll
-    for (int i = 0; i < R; ++i) {
+      for (int l = 0; l < W; ++l) {
+        Acc x[R], y[kUpper ? 1 : R];
 #pragma unroll
-      for (int j = kUpper ? i : 0; j < R; ++j) {
+        for (int r = 0; r < R; ++r) {
+          Acc lanes[W];
+          V::widen(xr[r], lanes);
+          x[r] = lanes[l];
+          if constexpr (!kUpper) {
+            V::widen(yr[r], lanes);
+            y[r] = lanes[l];
+          }
+        }
 #pragma unroll
-        for (int l = 0; l < W; ++l) acc[i][j] += x[i][l] * (kUpper ? x[j][l] : y[j][l]);
+        for (int i = 0; i < R; ++i) {
+#pragma unroll
+          for (int j = kUpper ? i : 0; j < R; ++j)
+            acc[Shape::index(i, j)] += x[i] * (kUpper ? x[j] : y[j]);
+        }
+      }
+    } else {
+      Acc x[R], y[kUpper ? 1 : R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        x[r] = r < na ? static_cast<Acc>(a0[r * lda + v]) : Acc(0);
+        if (!kUpper) y[r] = r < nb ? static_cast<Acc>(b0[r * ldb + v]) : Acc(0);
+      }
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+#pragma unroll
+        for (int j = kUpper ? i : 0; j < R; ++j)
+          acc[Shape::index(i, j)] += x[i] * (kUpper ? x[j] : y[j]);
       }
     }
   }
-  // The ragged end (fewer than W columns) goes element by element.
-  for (int64_t c = n_vec * W + tid; c < args.p; c += stride) {
-    Acc x[R], y[R];
+  // The ragged end (fewer than W columns) goes to the first slice, one column per thread.
+  const int64_t c = n_vec * W + threadIdx.x;
+  if (kVector && slice == 0 && c < args.p) {
+    Acc x[R], y[kUpper ? 1 : R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       x[r] = r < na ? static_cast<Acc>(a0[r * lda + c]) : Acc(0);
@@ -203,40 +299,65 @@ __global__ void __launch_bounds__(kThreads) gram_tiles_kernel(const GramArgs arg
 #pragma unroll
     for (int i = 0; i < R; ++i) {
 #pragma unroll
-      for (int j = kUpper ? i : 0; j < R; ++j) acc[i][j] += x[i] * (kUpper ? x[j] : y[j]);
+      for (int j = kUpper ? i : 0; j < R; ++j)
+        acc[Shape::index(i, j)] += x[i] * (kUpper ? x[j] : y[j]);
     }
   }
 
   // Block sums in double: fp32 rounding stays confined to one thread's columns.
-  __shared__ double red[kWarps][R * R];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __shared__ double red[kWarps][EP];
+  {
+    double mine[EP / 32];
+    warp_transpose_sum<EP>(acc, mine);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-  for (int i = 0; i < R; ++i) {
-#pragma unroll
-    for (int j = kUpper ? i : 0; j < R; ++j) {
-      double s = static_cast<double>(acc[i][j]);
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) s += __shfl_down_sync(0xffffffffu, s, off);
-      if (lane == 0) red[warp][i * R + j] = s;
-    }
+    for (int m = 0; m < EP / 32; ++m) red[warp][lane * (EP / 32) + m] = mine[m];
   }
   __syncthreads();
-  double* ws = args.ws + static_cast<int64_t>(group) * args.ta * args.tb;
-  for (int e = threadIdx.x; e < R * R; e += kThreads) {
-    const int i = e / R, j = e % R;
-    if (i >= na || j >= nb || (kUpper && j < i)) continue;
+  double* ws = args.ws + slice * args.ta * args.tb;
+  for (int e = threadIdx.x; e < E; e += kThreads) {
+    int i = 0, j = 0;
+    Shape::row_col(e, i, j);
+    if (i >= na || j >= nb) continue;
     double s = 0;
+#pragma unroll
     for (int w = 0; w < kWarps; ++w) s += red[w][e];
     ws[(row_a + i) * args.tb + (row_b + j)] = s;
   }
 }
 
-// Adds the column groups in order, mirrors the upper triangle of symmetric products, and
+// Adds many slices of the workspace in a fixed order: block b takes entries 32 b .. 32 b +
+// 31, its warp w the slices w, w + 8, ...; the 8 partial sums are added in warp order.
+// Only the upper triangle of a symmetric product.
+__global__ void __launch_bounds__(kThreads)
+    gram_slices_kernel(const double* __restrict__ ws, int64_t n_slices, int ta, int tb,
+                       bool symmetric, double* __restrict__ sum) {
+  __shared__ double part[kWarps][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int e = blockIdx.x * 32 + lane;
+  const int n = ta * tb;
+  const bool live = e < n && !(symmetric && e % tb < e / tb);
+  double s = 0;
+  if (live) {
+#pragma unroll 8
+    for (int64_t g = warp; g < n_slices; g += kWarps) s += ws[g * n + e];
+  }
+  part[warp][lane] = s;
+  __syncthreads();
+  if (warp == 0 && live) {
+    double t = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) t += part[w][lane];
+    sum[e] = t;
+  }
+}
+
+// Adds the (few) slices in order, mirrors the upper triangle of symmetric products, and
 // for cosine_matrix turns the sums into cosines exactly as detail::gram_to_cosine does.
 template <typename Out>
 __global__ void __launch_bounds__(kThreads)
-    gram_finish_kernel(const double* ws, int n_groups, int ta, int tb, bool symmetric, bool cosine,
-                       Out* out) {
+    gram_finish_kernel(const double* __restrict__ ws, int n_slices, int ta, int tb, bool symmetric,
+                       bool cosine, Out* __restrict__ out) {
   __shared__ double m[kMaxTasks * kMaxTasks];
   __shared__ double inv[kMaxTasks];
   const int n = ta * tb;
@@ -244,7 +365,7 @@ __global__ void __launch_bounds__(kThreads)
     const int i = e / tb, j = e % tb;
     if (symmetric && j < i) continue;
     double s = 0;
-    for (int g = 0; g < n_groups; ++g) s += ws[static_cast<int64_t>(g) * n + e];
+    for (int g = 0; g < n_slices; ++g) s += ws[static_cast<int64_t>(g) * n + e];
     m[e] = s;
   }
   __syncthreads();
@@ -283,29 +404,43 @@ bool vector_aligned(const at::Tensor& m) {
   return addr % bytes == 0 && (m.size(0) <= 1 || (m.stride(0) * m.element_size()) % bytes == 0);
 }
 
+// Products per fp32 accumulator before its sum goes to double: 256, as in the CPU kernel's
+// 4096-column chunk over 16 lanes (AVX-512).
+constexpr int64_t kSliceProducts = 256;
+// Slices no shorter than this many steps, so that a block's loads outweigh its epilogue.
+constexpr int64_t kMinSteps = 8;
+// Blocks a launch aims for: about 8 waves of the 16-row triangle (one block per SM) on a
+// 132-SM card, one wave of the 4-row kernels. A constant rather than the device's SM count
+// (and no occupancy query): the slices, hence the rounding, are the same on every card.
+constexpr int64_t kTargetBlocks = 1024;
+// Up to this many slices the finishing block adds them itself; beyond, gram_slices_kernel
+// adds them first with more threads.
+constexpr int64_t kFinishSlices = 8;
+
+// Cuts the columns into slices of args.steps vector steps per thread and launches one
+// block per (slice, tile pair). Returns the number of slices.
 template <typename In, int R, bool kUpper, bool kVector>
-void launch_tiles(GramArgs args, int64_t& n_groups_out, const at::TensorOptions& opts,
-                  at::Tensor& ws) {
-  auto kernel = gram_tiles_kernel<In, R, kUpper, kVector>;
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // One full wave: every block then loops over the same number of columns.
-  const int64_t wave = sms * std::max(per_sm, 1);
+int64_t launch_tiles(GramArgs args, const at::TensorOptions& opts, at::Tensor& ws) {
   const int64_t lanes = kVector ? Vec<In>::kLanes : 1;
-  const int64_t work = (args.p / lanes + kThreads - 1) / kThreads;
-  const int64_t n_groups = std::max<int64_t>(1, std::min(wave / args.n_pairs, work));
-  ws = at::empty({n_groups * args.ta * args.tb}, opts.dtype(at::kDouble));
+  const int64_t n_vec = args.p / lanes;
+  const int64_t max_steps = kSliceProducts / lanes;
+  const int64_t target = std::max<int64_t>(1, kTargetBlocks / args.n_pairs);
+  const int64_t per_slice = (n_vec + kThreads * target - 1) / (kThreads * target);
+  args.steps = std::clamp<int64_t>(per_slice, std::min(kMinSteps, max_steps), max_steps);
+  const int64_t span = kThreads * args.steps;
+  // At least one slice: it also takes the ragged end when P < lanes.
+  const int64_t n_slices = std::max<int64_t>(1, (n_vec + span - 1) / span);
+  ws = at::empty({n_slices * args.ta * args.tb}, opts.dtype(at::kDouble));
   args.ws = ws.data_ptr<double>();
-  kernel<<<static_cast<unsigned>(n_groups * args.n_pairs), kThreads, 0,
-           c10::cuda::getCurrentCUDAStream()>>>(args);
+  gram_tiles_kernel<In, R, kUpper, kVector>
+      <<<static_cast<unsigned>(n_slices * args.n_pairs), kThreads, 0,
+         c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  n_groups_out = n_groups;
+  return n_slices;
 }
 
 template <typename In, bool kVector>
-void launch_for_shape(GramArgs& args, int64_t& n_groups, const at::TensorOptions& opts,
-                      at::Tensor& ws) {
+int64_t launch_for_shape(GramArgs& args, const at::TensorOptions& opts, at::Tensor& ws) {
   constexpr int kTile = 8;
   // fp64 accumulators take two registers each: a 16-row triangle would spill.
   constexpr int kMaxUpper = std::is_same_v<In, double> ? 8 : 16;
@@ -313,22 +448,22 @@ void launch_for_shape(GramArgs& args, int64_t& n_groups, const at::TensorOptions
   if (args.symmetric && kVector && args.ta <= kMaxUpper) {
     args.n_tiles_a = args.n_tiles_b = 1;
     args.n_pairs = 1;
-    if (args.ta <= 4) return launch_tiles<In, 4, true, true>(args, n_groups, opts, ws);
-    if (args.ta <= 8) return launch_tiles<In, 8, true, true>(args, n_groups, opts, ws);
-    return launch_tiles<In, kMaxUpper, true, true>(args, n_groups, opts, ws);
+    if (args.ta <= 4) return launch_tiles<In, 4, true, true>(args, opts, ws);
+    if (args.ta <= 8) return launch_tiles<In, 8, true, true>(args, opts, ws);
+    return launch_tiles<In, kMaxUpper, true, true>(args, opts, ws);
   }
   // Small cross products need no 8 x 8 tile: with T = 1 its zero rows would cost more
   // arithmetic than the loads.
   if (kVector && tmax <= 4) {
     args.n_tiles_a = args.n_tiles_b = 1;
     args.n_pairs = 1;
-    return launch_tiles<In, 4, false, true>(args, n_groups, opts, ws);
+    return launch_tiles<In, 4, false, true>(args, opts, ws);
   }
   args.n_tiles_a = (args.ta + kTile - 1) / kTile;
   args.n_tiles_b = (args.tb + kTile - 1) / kTile;
   args.n_pairs =
       args.symmetric ? args.n_tiles_a * (args.n_tiles_a + 1) / 2 : args.n_tiles_a * args.n_tiles_b;
-  launch_tiles<In, kTile, false, kVector>(args, n_groups, opts, ws);
+  return launch_tiles<In, kTile, false, kVector>(args, opts, ws);
 }
 
 // Products of the rows of a with the rows of b (b == nullptr: of a with itself), in the
@@ -351,24 +486,34 @@ at::Tensor gram_product(const at::Tensor& a_in, const at::Tensor* b_in, bool cos
   args.tb = static_cast<int>(tb);
   args.p = p;
   args.symmetric = b_in == nullptr;
-  int64_t n_groups = 0;
+  int64_t n_slices = 0;
   at::Tensor ws;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, a.scalar_type(), "pyxtask_gram_cuda", [&] {
         if (vector_aligned<scalar_t>(a) && vector_aligned<scalar_t>(b)) {
-          launch_for_shape<scalar_t, true>(args, n_groups, a.options(), ws);
+          n_slices = launch_for_shape<scalar_t, true>(args, a.options(), ws);
         } else {
-          launch_for_shape<scalar_t, false>(args, n_groups, a.options(), ws);
+          n_slices = launch_for_shape<scalar_t, false>(args, a.options(), ws);
         }
       });
   auto stream = c10::cuda::getCurrentCUDAStream();
+  if (n_slices > kFinishSlices) {
+    const int n = args.ta * args.tb;
+    at::Tensor sum = at::empty({n}, ws.options());
+    gram_slices_kernel<<<static_cast<unsigned>((n + 31) / 32), kThreads, 0, stream>>>(
+        ws.const_data_ptr<double>(), n_slices, args.ta, args.tb, args.symmetric,
+        sum.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ws = sum;
+    n_slices = 1;
+  }
   if (out_type == at::kDouble) {
     gram_finish_kernel<double><<<1, kThreads, 0, stream>>>(
-        ws.const_data_ptr<double>(), static_cast<int>(n_groups), args.ta, args.tb, args.symmetric,
+        ws.const_data_ptr<double>(), static_cast<int>(n_slices), args.ta, args.tb, args.symmetric,
         cosine, out.data_ptr<double>());
   } else {
     gram_finish_kernel<float><<<1, kThreads, 0, stream>>>(
-        ws.const_data_ptr<double>(), static_cast<int>(n_groups), args.ta, args.tb, args.symmetric,
+        ws.const_data_ptr<double>(), static_cast<int>(n_slices), args.ta, args.tb, args.symmetric,
         cosine, out.data_ptr<float>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();

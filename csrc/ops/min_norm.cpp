@@ -21,8 +21,9 @@ at::Tensor min_norm_point_cpu(const at::Tensor& M, int64_t max_iter, double tol,
               " is not finite");
   }
   at::Tensor lam = at::empty({T}, md.options());
+  detail::MinNormScratch ws;  // 36 KB
   detail::solve_min_norm(m, T, max_iter, tol, detail::parse_min_norm_method(method),
-                         lam.data_ptr<double>());
+                         lam.data_ptr<double>(), ws);
   return lam.to(accumulate_type(M.scalar_type()));
 }
 

@@ -1,9 +1,11 @@
 // min_norm_point on CUDA: the solver of min_norm_solver.h, run by one device thread in one
 // launch. T <= 64 makes each Frank-Wolfe iteration 64 multiply-adds, and the affine step a
 // 65 x 65 elimination: a single thread does them in microseconds, the loop never returns
-// to the host (no sync), and the iterates are the CPU's exactly -- a 64-thread version
-// would need a block-wide argmin per iteration and a shared-memory workspace larger than
-// the default 48 KiB for the affine step, for little gain at this size.
+// to the host (no sync), and the iterates are the CPU's exactly (no FMA contraction, see
+// min_norm_solver.h) -- a 64-thread version would need a block-wide argmin per iteration
+// for little gain at this size. The solver's 36 KB of work arrays are the block's static
+// shared memory, not the thread's stack: a stack frame that size makes the driver reserve
+// local memory for every thread the device can hold.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -18,7 +20,8 @@ namespace {
 // M is not checked for NaN/Inf here: that would need a host sync. The CPU kernel checks.
 __global__ void min_norm_kernel(const double* __restrict__ M, int64_t T, int64_t max_iter,
                                 double tol, int method, double* __restrict__ lam) {
-  detail::solve_min_norm(M, T, max_iter, tol, static_cast<detail::MinNormMethod>(method), lam);
+  __shared__ detail::MinNormScratch ws;
+  detail::solve_min_norm(M, T, max_iter, tol, static_cast<detail::MinNormMethod>(method), lam, ws);
 }
 
 at::Tensor min_norm_point_cuda(const at::Tensor& M, int64_t max_iter, double tol,
