@@ -115,7 +115,9 @@ setup(
         "onnxruntime>=1.18",
         "tokenizers",
         "fastapi",
+        "pydantic>=2",
         "uvicorn",
+        "prometheus-client",
         # uvicorn picks these up by itself: the C HTTP parser and libuv event loop are the
         # production setup FastAPI recommends (uvicorn[standard] minus reload/websocket extras).
         "httptools",
@@ -130,6 +132,10 @@ setup(
             "scipy",
             "pytest-benchmark",
             "httpx",
+            # Clients nobody here wrote, against the server: Triton's V2 client and an
+            # OpenAPI fuzzer.
+            "tritonclient[http]",
+            "schemathesis",
             "quadprog",
             "qpsolvers",
             "cvxpy",

@@ -292,7 +292,9 @@ def server_process(bundle: Path, threads: int, max_wait_ms: float) -> Iterator[s
     try:
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                # Ready, not just live: the server answers /healthz while the model loads.
+                ready = f"http://127.0.0.1:{port}/v2/health/ready"
+                with urllib.request.urlopen(ready, timeout=1):
                     break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:

@@ -6,7 +6,7 @@ wall time from starting the process, median of ``--runs``:
 
 - ``tag --help``;
 - ``tag BUNDLE FILE`` on one sentence (process start to exit);
-- ``serve BUNDLE`` up to its first ``GET /healthz`` answer (polled every 5 ms);
+- ``serve BUNDLE`` up to its first ``GET /v2/health/ready`` answer (polled every 5 ms);
 
 in three environments:
 
@@ -66,7 +66,7 @@ HEAVY = (
     "fastapi",
     "uvicorn",
 )
-COMMANDS = ("tag --help", "tag BUNDLE (1 sentence)", "serve BUNDLE to /healthz")
+COMMANDS = ("tag --help", "tag BUNDLE (1 sentence)", "serve BUNDLE to /v2/health/ready")
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def command_args(command: str, bundle: Path, sentence: Path, port: int) -> list[
 
 
 def run_once(argv: list[str], serve_port: int | None, stderr: Any) -> float:
-    """Seconds from starting ``argv`` to its exit, or to a served ``/healthz`` answer."""
+    """Seconds from starting ``argv`` to its exit, or to a served ``/v2/health/ready`` answer."""
     start = time.perf_counter()
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
     if serve_port is None:
@@ -112,12 +112,12 @@ def run_once(argv: list[str], serve_port: int | None, stderr: Any) -> float:
 def wait_healthy(process: subprocess.Popen[bytes], port: int) -> None:
     deadline = time.monotonic() + 120
     while True:
-        url = f"http://127.0.0.1:{port}/healthz"
+        url = f"http://127.0.0.1:{port}/v2/health/ready"
         with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as answer:
             if answer.status == 200:
                 return
         if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("pyxtask serve did not answer /healthz")
+            raise RuntimeError("pyxtask serve did not answer /v2/health/ready")
         time.sleep(0.005)
 
 

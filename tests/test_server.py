@@ -5,7 +5,6 @@ Tags must equal ``Tagger.tag`` called directly; every bad request must get a 4xx
 must let in-flight requests finish.
 """
 
-import contextlib
 import json
 import random
 import subprocess
@@ -16,36 +15,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from pyxtask.serving import Tagger
 from pyxtask.serving.server import create_app
 from tests._bundles import make_bundle
+from tests._server import running
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"max_request_sentences": 16, "max_request_bytes": 20_000, "max_words": 64}
 UNICODE = "Zoë naïve 日本 🙂 w3 w7"
 LONG = " ".join(f"w{i % 40}" if i % 7 else f"zq{i}x" for i in range(40))  # > max_length=16
-
-
-@contextlib.contextmanager
-def running(app):
-    """Serve ``app`` on a free loopback port in a thread; yield (base URL, uvicorn.Server)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive(), "uvicorn exited during start-up"
-        assert time.monotonic() < deadline, "uvicorn did not start in 10 s"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        assert not thread.is_alive(), "uvicorn did not shut down"
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,10 @@ def add_tag(commands: Any) -> None:
 
 def add_serve(commands: Any) -> None:
     """The ``serve`` subcommand and its options, on ``commands`` (an argparse subparsers)."""
-    serve = commands.add_parser("serve", help="serve a bundle over HTTP (POST /v1/tag)")
+    serve = commands.add_parser(
+        "serve",
+        help="serve a bundle over HTTP: POST /v1/tag, the V2 inference protocol, /metrics",
+    )
     serve.add_argument("bundle", metavar="BUNDLE", help="an exported bundle folder")
     serve.add_argument(
         "--host", default="127.0.0.1", metavar="HOST", help="address (default 127.0.0.1)"
@@ -99,6 +102,29 @@ def add_serve(commands: Any) -> None:
         metavar="X",
         help="how long a batch waits for more requests (default 0: it takes what queued "
         "while the model ran; a wait pays on GPUs, where bigger batches are cheaper)",
+    )
+    serve.add_argument(
+        "--model-name", metavar="NAME", help="the V2 model name (default: the bundle's task)"
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        metavar="N",
+        help="queued sentences before new requests get 503 + Retry-After (default 4 x --max-batch)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=10.0,
+        metavar="X",
+        help="seconds a request may wait for the model before a 503 (default 10)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=float,
+        default=10.0,
+        metavar="X",
+        help="seconds to read a request body before a 408 (default 10)",
     )
     serve.add_argument(
         "--no-access-log",
@@ -174,6 +200,10 @@ def serve(args: argparse.Namespace) -> None:
         max_batch_sentences=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         access_log=args.access_log,
+        model_name=args.model_name,
+        max_queue_sentences=args.max_queue,
+        request_timeout_s=args.request_timeout,
+        body_timeout_s=args.body_timeout,
     )
 
 
