@@ -113,6 +113,13 @@ def add_serve(commands: Any) -> None:
         help="queued sentences before new requests get 503 + Retry-After (default 4 x --max-batch)",
     )
     serve.add_argument(
+        "--max-request-sentences",
+        type=int,
+        default=256,
+        metavar="N",
+        help="most sentences in one request, 413 beyond (default 256; at most --max-queue)",
+    )
+    serve.add_argument(
         "--request-timeout",
         type=float,
         default=10.0,
@@ -202,6 +209,7 @@ def serve(args: argparse.Namespace) -> None:
         access_log=args.access_log,
         model_name=args.model_name,
         max_queue_sentences=args.max_queue,
+        max_request_sentences=args.max_request_sentences,
         request_timeout_s=args.request_timeout,
         body_timeout_s=args.body_timeout,
     )
