@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import gevent
+import numpy as np
 from geventhttpclient import URL, HTTPClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,11 +295,7 @@ def user_class(name: str, spec: dict[str, Any], url: str, sentences: list[str]) 
 
 def percentile(sorted_values: list[float], q: float) -> float:
     """The q-th percentile (0-100) by linear interpolation; nan for no values."""
-    if not sorted_values:
-        return math.nan
-    k = (len(sorted_values) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+    return float(np.percentile(sorted_values, q)) if sorted_values else math.nan
 
 
 def run_scenario(name: str, spec: dict[str, Any], url: str, run_time: float, sentences):
