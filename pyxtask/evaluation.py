@@ -1,4 +1,9 @@
-"""Predictions and metrics of a task's model on its examples (used by training and export)."""
+"""Predictions and metrics of a task's model on its examples (used by training and export).
+
+Under torchrun (``distributed``) every process predicts its slice of the items
+(``encoded[rank::world_size]``) and the slices are gathered, so every process holds all the
+predictions, in order, and computes the same metrics.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import torch
 
 from pyxtask.data import LabeledText, LabelMap, TaggedSentence, collate
 from pyxtask.data.tokenization import Encoded, group_by_sentence, words_from_subwords
+from pyxtask.distributed import Distributed
 from pyxtask.metrics import sentence_scores, span_f1, token_accuracy
 from pyxtask.models import MultiTaskModel
 from pyxtask.tasks import Example, TaskData
@@ -35,22 +41,17 @@ def predict(
     *,
     batch_size: int,
     device: torch.device,
+    distributed: Distributed | None = None,
 ) -> list[list[int]] | list[int]:
     """Predicted label ids: per word for token tasks, one per text for sentence tasks."""
-    was_training = model.training
-    model.eval()
-    pad = int(model.tokenizer.pad_token_id)
-    rows: list[list[int]] = []
-    try:
-        for start in range(0, len(encoded), batch_size):
-            batch = collate(encoded[start : start + batch_size], pad)
-            ids = batch["input_ids"].to(device)
-            mask = batch["attention_mask"].to(device)
-            with autocast(device, True):
-                logits = model(task.head, ids, mask).logits
-            rows.extend(logits.argmax(-1).cpu().tolist())
-    finally:
-        model.train(was_training)
+    if distributed is not None and distributed.enabled:
+        mine = _rows(model, task, distributed.shard(encoded), batch_size, device)
+        every = distributed.all_gather_object(mine)
+        rows: list[Any] = [None] * len(encoded)
+        for rank, part in enumerate(every):
+            rows[rank :: distributed.world_size] = part
+    else:
+        rows = _rows(model, task, encoded, batch_size, device)
     if task.kind == "sentence":
         return cast(list[int], rows)
     out: list[list[int]] = []
@@ -61,6 +62,32 @@ def predict(
     return out
 
 
+@torch.no_grad()
+def _rows(
+    model: MultiTaskModel,
+    task: TaskData,
+    encoded: Sequence[Encoded],
+    batch_size: int,
+    device: torch.device,
+) -> list[Any]:
+    """The predicted ids of every item: a list per token item, an id per sentence item."""
+    was_training = model.training
+    model.eval()
+    pad = int(model.tokenizer.pad_token_id)
+    rows: list[Any] = []
+    try:
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start : start + batch_size], pad)
+            ids = batch["input_ids"].to(device)
+            mask = batch["attention_mask"].to(device)
+            with autocast(device, True):
+                logits = model(task.head, ids, mask).logits
+            rows.extend(logits.argmax(-1).cpu().tolist())
+    finally:
+        model.train(was_training)
+    return rows
+
+
 def evaluate(
     model: MultiTaskModel,
     task: TaskData,
@@ -69,9 +96,12 @@ def evaluate(
     *,
     batch_size: int,
     device: torch.device,
+    distributed: Distributed | None = None,
 ) -> dict[str, float]:
     """The task's metric on ``examples`` (``encoded`` is their tokenization)."""
-    predictions = predict(model, task, encoded, batch_size=batch_size, device=device)
+    predictions = predict(
+        model, task, encoded, batch_size=batch_size, device=device, distributed=distributed
+    )
     if task.kind == "sentence":
         gold = [cast(LabeledText, e).label for e in examples]
         pred = task.labels.decode_many(cast(list[int], predictions))

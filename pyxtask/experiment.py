@@ -11,6 +11,7 @@ from typing import Any
 
 from pyxtask import checkpoint
 from pyxtask.config import COMPARISONS, STREAM_METHODS, ConfigError, TrainConfig
+from pyxtask.distributed import torchrun_environment
 from pyxtask.tasks import TaskData, load_tasks
 from pyxtask.trainer import Trainer
 
@@ -115,9 +116,16 @@ def run_single(
     summary = dict(
         best, sweep={f"{r['c']:g}": {"dev": r["dev"], "test": r["test"]} for r in results}
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_text(run_dir / _SUMMARY, json.dumps(summary, indent=2) + "\n")
+    if _writes_files():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_text(run_dir / _SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _writes_files() -> bool:
+    """Under torchrun only rank 0 writes a run's files."""
+    env = torchrun_environment()
+    return env is None or env["rank"] == 0
 
 
 def _holds_run(folder: Path) -> bool:
@@ -157,5 +165,6 @@ def run_experiment(
             sub, out / "compare" / name, resume=resume, progress=progress, tasks=tasks, log=log
         )
     result = RunResult(main, baselines)
-    checkpoint.write_text(out / "comparison.txt", result.table() + "\n")
+    if _writes_files():
+        checkpoint.write_text(out / "comparison.txt", result.table() + "\n")
     return result

@@ -22,6 +22,24 @@ backward pass of ``sum_t w_t L_t`` gives them, and the resulting ``.grad`` equal
 ``sum_t w_t L_t``. The scaling is applied to the gradients (hooks, or the combination) rather
 than to the losses, so a task with weight 0 still has its gradient measured. A gradient that
 is not finite stops the step with :class:`NonFiniteGradientError` naming the task.
+
+Across processes (``reducer``, a :class:`pyxtask.distributed.Distributed` of several
+processes, each holding its slice of every batch, losses normalised so that the processes'
+gradients sum to the global ones), the statistics are global:
+
+``exact`` (buffer mode only)
+    the T x P buffer is summed over the processes in one all-reduce, then the Gram, the
+    weights and the combination are formed locally from the global rows, identically on every
+    process; the shared parameters' ``.grad`` is then global and marked so, and the trainer's
+    own gradient all-reduce skips it (heads, small, are summed by the trainer).
+``cheap``
+    buffer mode: the Gram is ``R`` times the sum of the processes' Grams (``R`` processes: the
+    mean of their Grams when each holds as many tokens); streaming mode: the target's gradient
+    is summed once (P numbers) right after its backward pass, the dot products of every
+    task's local gradient with it are summed as T scalars (exact: ``g_0 . g_t``), and the
+    squared norms are ``R`` times the sum of the local ones (an estimate: exact when the
+    processes' gradients agree, an upper bound otherwise). ``.grad`` stays local, summed by
+    the trainer as for a plain step.
 """
 
 from __future__ import annotations
@@ -37,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from pyxtask import ops
+from pyxtask.distributed import SINGLE, Distributed
 
 __all__ = ["GradientStats", "NonFiniteGradientError", "TaskGradients"]
 
@@ -124,6 +143,8 @@ class TaskGradients:
         buffer_dtype: buffer mode, the dtype of the T x P rows (default: the parameters').
             ``torch.bfloat16`` halves the buffer's memory and the Gram's reads; the Gram still
             accumulates in fp32, and each entry carries bf16's 2^-8 relative rounding.
+        reducer: the processes the statistics are global over (see the module docs; default:
+            this process alone).
 
     >>> import torch
     >>> from pyxtask.gradients import TaskGradients
@@ -147,6 +168,7 @@ class TaskGradients:
         target: int = 0,
         task_names: Sequence[str] | None = None,
         buffer_dtype: torch.dtype | None = None,
+        reducer: Distributed | None = None,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {list(_MODES)}")
@@ -172,6 +194,12 @@ class TaskGradients:
             raise ValueError("a parameter is both shared and task-specific")
         if task_names is not None and len(task_names) != num_tasks:
             raise ValueError(f"task_names has {len(task_names)} names for {num_tasks} tasks")
+        self._reducer = SINGLE if reducer is None else reducer
+        if mode == "streaming" and self._reducer.exact:
+            raise ValueError(
+                "streaming statistics cannot be exact across processes: use buffer mode (the "
+                "T x P rows are summed) or distributed.statistics = 'cheap'"
+            )
         self.mode: Mode = mode
         self.num_tasks = num_tasks
         self.target = target
@@ -340,6 +368,7 @@ class TaskGradients:
         if self._buffer is None:
             self._buffer = _padded_rows(T, self.num_parameters, self._buffer_dtype, self._device)
         G = self._buffer
+        reducer = self._reducer
         if not accumulate:
             self._previous = [p.grad for p in self._params]
             # Copies: backward accumulates into an existing .grad in place.
@@ -366,6 +395,10 @@ class TaskGradients:
             for p in self._params:
                 p.grad = None
             measured[t] = True
+        if reducer.exact:  # the global rows: every statistic below is then exact
+            storage = G if G.is_contiguous() else G._base
+            assert storage is not None
+            reducer.all_reduce_(storage, "statistics")
         try:
             gram = ops.gram(G).double().cpu()
         except RuntimeError as exc:
@@ -377,6 +410,8 @@ class TaskGradients:
             nan[int(found.group(1))] = math.nan
             self._raise_non_finite(nan, measured)
             raise
+        if reducer.cheap:
+            gram = reducer.all_reduce_(gram, "statistics") * reducer.world_size
         sq_norms = torch.diagonal(gram).clone()
         self._raise_non_finite(sq_norms, measured)
         if reference is None:
@@ -385,6 +420,8 @@ class TaskGradients:
         else:
             ref = reference.to(self._dtype).reshape(1, -1)
             dots = ops.cross_gram(ref, G).double().cpu()[0]
+            if reducer.cheap:  # the reference is global, the rows local: a sum is exact
+                dots = reducer.all_reduce_(dots.contiguous(), "statistics")
             ref_sq = float(ops.gram(ref).double()[0, 0])
         self._pending = True
         return GradientStats(sq_norms, dots, ref_sq, gram, measured.clone())
@@ -413,6 +450,8 @@ class TaskGradients:
                     p.grad.mul_(w[t])
                 else:
                     p.grad.sub_(before).mul_(w[t]).add_(before)
+        if self._reducer.exact:  # a combination of global rows: already summed
+            self._reducer.mark_reduced(self._params)
         self._pending = False
 
     def _backward_streaming(
@@ -432,6 +471,7 @@ class TaskGradients:
         sq = torch.zeros(T, dtype=torch.float64, device=self._device)
         dots = torch.zeros(T, dtype=torch.float64, device=self._device)
         measured = torch.zeros(T, dtype=torch.bool)
+        cheap = self._reducer.cheap
         try:
             for t in self._order():
                 loss = losses[t]
@@ -446,11 +486,16 @@ class TaskGradients:
                     sq[t] = torch.stack(self._sq).sum()
                     dots[t] = torch.stack(self._dot).sum()
                 measured[t] = True
+                if cheap and self._capture:  # the global target gradient, once
+                    assert self._reference is not None
+                    self._reducer.all_reduce_(self._reference, "statistics")
         finally:
             self._phase = None
             self._capture = False
             self._scale = 1.0
             self._dot, self._sq = [], []
+        if cheap:
+            self._reduce_streaming(sq, dots, own_reference)
         sq_cpu, dots_cpu = sq.cpu(), dots.cpu()
         self._raise_non_finite(sq_cpu, measured)
         if own_reference:
@@ -465,3 +510,17 @@ class TaskGradients:
             ref_sq = float(torch.dot(self._reference, self._reference))
             self._reference = None
         return GradientStats(sq_cpu, dots_cpu, ref_sq, None, measured)
+
+    def _reduce_streaming(self, sq: Tensor, dots: Tensor, own_reference: bool) -> None:
+        """Cheap mode: the dot products with the (global) reference summed, exact; the squared
+        norms ``R`` times the sum of the local ones; the target's own, exact, from the summed
+        reference."""
+        reducer = self._reducer
+        both = reducer.all_reduce_(torch.cat([dots, sq]), "statistics")
+        T = self.num_tasks
+        dots.copy_(both[:T])
+        sq.copy_(both[T:] * reducer.world_size)
+        if own_reference:
+            assert self._reference is not None
+            exact = torch.dot(self._reference, self._reference).double()
+            dots[self.target] = sq[self.target] = exact

@@ -13,6 +13,14 @@ target's dev metric (``best/``) and ``checkpoint.pt``, written atomically every
 ``checkpoint_every`` steps and at every epoch's end, from which ``resume=True`` continues a
 killed run to the same final weights as an uninterrupted one (bitwise on CPU with the same
 thread count).
+
+Under torchrun (``pyxtask.distributed``) every process runs this loop over the same global
+steps, each on its slice of every batch; the gradients are summed after the method's step
+(what the method already summed is skipped), so every process takes the same optimizer step
+and the parameters stay identical (rank 0's are broadcast once, at the start). Rank 0 alone
+writes the run's files (logs, plots, ``best/``, checkpoints — which hold nothing per process,
+so a run resumes on any number of processes); evaluation is split over the processes and
+gathered.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from typing import Any, cast
 import torch
 from tqdm.auto import tqdm
 
-from pyxtask import checkpoint
+from pyxtask import checkpoint, distributed
 from pyxtask.config import ConfigError, TrainConfig
 from pyxtask.data import MultiTaskBatchSampler, tokenize_corpus
 from pyxtask.data.tokenization import Encoded
@@ -76,15 +84,19 @@ def split_holdout(
 
 def _same_run(saved: str, current: str) -> bool:
     """Whether two ``config.json`` texts describe the same run. The output folder is not part
-    of it: a run folder that was moved or copied resumes where it is now."""
+    of it (a run folder that was moved or copied resumes where it is now), nor the processes'
+    timeout."""
     try:
         a, b = json.loads(saved), json.loads(current)
     except json.JSONDecodeError:
         return False
     if not isinstance(a, dict) or not isinstance(b, dict):
         return False
-    a.pop("output", None)
-    b.pop("output", None)
+    for config in (a, b):
+        config.pop("output", None)
+        # How long to wait for other processes is not part of the run either.
+        if isinstance(config.get("distributed"), dict):
+            config["distributed"].pop("timeout", None)
     return bool(a == b)
 
 
@@ -122,10 +134,17 @@ class Trainer:
         if config.paradigm == "single":
             self.tasks = self.tasks[:1]
         self.method = method if method is not None else make_method(config, self.c)
+        self.dist = distributed.from_environment(
+            statistics=config.distributed.statistics,
+            timeout_s=config.distributed.timeout,
+            device=config.device,
+        )
         if config.device == "auto":
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(config.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -168,7 +187,8 @@ class Trainer:
             batch_size=config.batch_size,
             heldout=heldout if holdout > 0 else None,
             log=self._log,
-            save=lambda name, obj: checkpoint.save(obj, self.run_dir / name),
+            save=self._save_file,
+            distributed=self.dist,
         )
         self.phases = self._phases()
         for i, phase in enumerate(self.phases):
@@ -289,12 +309,20 @@ class Trainer:
         of a training run (the logs it is drawn from are kept)."""
         from pyxtask.plots import plot_epoch  # noqa: PLC0415 -- matplotlib is slow to load
 
+        if not self.dist.is_main:
+            return
         try:
             plot_epoch(self.run_dir)
         except Exception as exc:
             warnings.warn(f"{self.run_dir}: a plot could not be drawn: {exc}", stacklevel=2)
 
+    def _save_file(self, name: str, obj: Any) -> None:
+        if self.dist.is_main:
+            checkpoint.save(obj, self.run_dir / name)
+
     def _log(self, name: str, record: dict[str, Any] | str) -> None:
+        if not self.dist.is_main:
+            return
         path = self.run_dir / name
         if name == "weights.csv" and (not path.exists() or path.stat().st_size == 0):
             names = [t.name for t in self.tasks]
@@ -341,10 +369,15 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train (or continue), pick the best epoch on the target's dev set, test it."""
         finished = self._open(resume)
+        self.dist.barrier()  # every process has read the folder before rank 0 writes to it
         if finished is not None:
             return finished
         self._setup()
         state = self._initial_state(resume)
+        if self.dist.enabled:  # whatever each process built or loaded, rank 0's values
+            self.dist.broadcast_tensors_(self._synced_tensors())
+        self._sent_at_start = self.dist.bytes_sent()
+        self._steps_run = 0
         started = time.perf_counter() - float(state["elapsed"])
         for phase_index in range(int(state["phase"]), len(self.phases)):
             optimizer, scheduler = self._start_phase(phase_index, state)
@@ -355,6 +388,7 @@ class Trainer:
                 self.ctx.epoch = epoch
                 self._epoch(phase_index, epoch, state, optimizer, scheduler, started)
                 phase.method.epoch_end(self.ctx, epoch)
+                self._check_processes_agree(phase)
                 self._plot_epoch()
                 if 0 in phase.tasks:
                     self._eval_dev(state, epoch)
@@ -392,7 +426,8 @@ class Trainer:
             ),
             initial=sampler.step // m,
             desc=f"{config.label} {phase.name} epoch {epoch + 1}/{phase.epochs}",
-            disable=None if self.progress else True,  # None: quiet when not a terminal
+            # None: quiet when not a terminal; under torchrun only rank 0 shows a bar.
+            disable=None if self.progress and self.dist.is_main else True,
             leave=False,
         )
         steps = iter(sampler)
@@ -435,7 +470,11 @@ class Trainer:
         scheduler: Any,
     ) -> dict[int, float]:
         """The method's step, clipping, the optimizer and the schedule."""
+        self.dist.begin_step()
         losses = phase.method.step(self.ctx, micro)
+        if self.dist.enabled:  # the processes' gradients summed (what DDP's all-reduce does)
+            self.dist.sync_gradients([p for g in optimizer.param_groups for p in g["params"]])
+        self._steps_run += 1
         # The total norm is needed for clipping anyway; a NaN/inf one names the tasks.
         clip = self.config.clip if self.config.clip > 0 else math.inf
         norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
@@ -496,11 +535,12 @@ class Trainer:
             # resumed from leaves the folder as it was.
             saved = checkpoint.load(ckpt_path, keys=[*state, "model", "logs"])
             self._load_model_state(ckpt_path, saved["model"])
-            self._truncate_logs(saved["logs"])
             state.update({k: saved[k] for k in state})
-            # A moved or copied run says where it is now.
-            checkpoint.write_text(self.run_dir / "config.json", self._config_text)
-        else:
+            if self.dist.is_main:
+                self._truncate_logs(saved["logs"])
+                # A moved or copied run says where it is now.
+                checkpoint.write_text(self.run_dir / "config.json", self._config_text)
+        elif self.dist.is_main:
             for name in (*_LOGS, _SUMMARY):
                 (self.run_dir / name).unlink(missing_ok=True)
             checkpoint.write_text(self.run_dir / "config.json", self._config_text)
@@ -540,6 +580,11 @@ class Trainer:
         if state["rng"] is not None:
             checkpoint.set_rng_state(state["rng"])
             state["rng"] = None
+        if self.dist.rank > 0:
+            # Rank 0's stream is the one a checkpoint keeps; the others draw their own dropout
+            # masks from (seed, rank, step), so a resumed run draws them again the same way.
+            torch.manual_seed(self.config.seed * 1_000_003 + self.dist.rank * 7919 +
+                              int(state["global_step"]))  # fmt: skip
         ctx.phase_step = int(scheduler.last_epoch)
         return optimizer, scheduler
 
@@ -551,6 +596,8 @@ class Trainer:
         scheduler: Any,
         started: float,
     ) -> None:
+        if not self.dist.is_main:
+            return
         saved = dict(state)
         saved.update(
             phase=phase_index,
@@ -575,6 +622,7 @@ class Trainer:
             self.dev_encoded,
             batch_size=self.config.eval_batch_size,
             device=self.device,
+            distributed=self.dist,
         )
         main = metric_name(target)
         self._log_scores("dev", epoch, state["global_step"], scores)
@@ -586,7 +634,8 @@ class Trainer:
                 "value": scores[main],
                 "metric": main,
             }
-            self.model.save(self.run_dir / "best", overwrite=True)
+            if self.dist.is_main:
+                self.model.save(self.run_dir / "best", overwrite=True)
 
     def _log_scores(self, split: str, epoch: int, step: int, scores: dict[str, float]) -> None:
         for metric, value in scores.items():
@@ -599,6 +648,7 @@ class Trainer:
 
         config = self.config
         target = self.tasks[0]
+        self.dist.barrier()  # rank 0 has written best/
         best = MultiTaskModel.load(self.run_dir / "best").to(self.device)
         test = evaluate(
             best,
@@ -607,6 +657,7 @@ class Trainer:
             self.test_encoded,
             batch_size=config.eval_batch_size,
             device=self.device,
+            distributed=self.dist,
         )
         main = metric_name(target)
         self._log_scores("test", state["best"]["epoch"], state["best"]["step"], test)
@@ -636,10 +687,49 @@ class Trainer:
             "time_s": round(elapsed, 1),
             "best_model": os.fspath(self.run_dir / "best"),
         }
-        checkpoint.write_text(self.run_dir / _SUMMARY, json.dumps(summary, indent=2) + "\n")
-        plot_run(self.run_dir)
+        if self.dist.enabled:
+            summary["distributed"] = self._distributed_summary()
         for phase in self.phases:
             phase.method.close()
-        if not self.keep_checkpoint:
-            (self.run_dir / _CHECKPOINT).unlink(missing_ok=True)
+        if self.dist.is_main:
+            checkpoint.write_text(self.run_dir / _SUMMARY, json.dumps(summary, indent=2) + "\n")
+            plot_run(self.run_dir)
+            if not self.keep_checkpoint:
+                (self.run_dir / _CHECKPOINT).unlink(missing_ok=True)
+        self.dist.barrier()  # nobody leaves (and reads the folder) before rank 0 is done
         return summary
+
+    # -- processes ------------------------------------------------------------------------------
+
+    def _synced_tensors(self) -> list[torch.Tensor]:
+        """What must be equal on every process: the model's parameters and buffers and every
+        phase's method parameters."""
+        tensors = list(self.model.state_dict().values())
+        for phase in self.phases:
+            tensors += [p.data for p in phase.method.parameters()]
+        return tensors
+
+    def _check_processes_agree(self, phase: Phase) -> None:
+        """Every process must hold the same weights and parameters (computed redundantly from
+        the same global statistics): a cheap check at each epoch's end, an error if not."""
+        if not self.dist.enabled:
+            return
+        w, omega = phase.method.weights()
+        digest = torch.stack(
+            [p.detach().double().sum() for p in self.model.parameters()]
+            + [p.detach().double().sum() for p in phase.method.parameters()]
+        ).cpu()
+        self.dist.check_same(torch.cat([w.double().cpu(), omega.double().cpu()]), "task weights")
+        self.dist.check_same(digest, "the parameters' sums")
+
+    def _distributed_summary(self) -> dict[str, Any]:
+        """The processes and what this one sent per optimizer step, by kind."""
+        steps = max(1, self._steps_run)
+        sent = self.dist.bytes_sent()
+        return {
+            "processes": self.dist.world_size,
+            "backend": self.dist.backend,
+            "statistics": self.dist.statistics,
+            "steps_here": self._steps_run,
+            "bytes_per_step": {k: (sent[k] - self._sent_at_start.get(k, 0)) / steps for k in sent},
+        }

@@ -24,6 +24,10 @@ middle of an epoch yields exactly the steps an uninterrupted run would have yiel
 
 It is a plain iterable, not a ``batch_sampler`` for :class:`torch.utils.data.DataLoader`: a
 step may name several tasks, so the caller maps the indices to each task's dataset itself.
+
+Under torchrun every process iterates the same sampler and takes its slice of every batch
+(:mod:`pyxtask.distributed`): the global batches, their order and a saved position are those
+of one process, so a run resumes on any number of processes.
 """
 
 from __future__ import annotations

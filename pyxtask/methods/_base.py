@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from pyxtask.data import LabelMap, collate
 from pyxtask.data.tokenization import Encoded
+from pyxtask.distributed import SINGLE, Distributed
 from pyxtask.evaluation import autocast
 from pyxtask.gradients import GradientStats, Mode, NonFiniteGradientError, TaskGradients
 from pyxtask.models import MultiTaskModel
@@ -50,6 +51,14 @@ class StepContext:
     Built by the trainer; a method never sees files, ranks or the optimizer. Task ``0`` is
     the target. ``phase_step`` (optimizer steps done in this phase), ``global_step`` and
     ``epoch`` are kept current by the trainer.
+
+    Under torchrun (``distributed``, several processes) a method still sees the *global*
+    steps: :meth:`batch_loss` computes the loss of this process's slice of the batch divided
+    by the whole batch's labelled units, so the processes' losses and gradients sum to the
+    one-process ones; :class:`StepLosses` and :meth:`loss_values` read the summed (global)
+    values; :meth:`task_gradients` measures global statistics. A method whose own
+    parameters' gradient it computes from global statistics marks it
+    (:meth:`mark_reduced`) so that the trainer does not sum it again.
     """
 
     def __init__(
@@ -65,8 +74,11 @@ class StepContext:
         heldout: Sequence[Sequence[Encoded]] | None = None,
         log: Callable[[str, dict[str, Any] | str], None] | None = None,
         save: Callable[[str, Any], None] | None = None,
+        distributed: Distributed | None = None,
     ) -> None:
         self.model = model
+        #: The processes the run is split over (one: :data:`pyxtask.distributed.SINGLE`).
+        self.distributed = SINGLE if distributed is None else distributed
         self.tasks = list(tasks)
         self.encoded = [list(items) for items in encoded]
         self.heldout = None if heldout is None else [list(items) for items in heldout]
@@ -119,20 +131,65 @@ class StepContext:
         self, mode: Mode, parameters: str = "shared", buffer_dtype: torch.dtype | None = None
     ) -> TaskGradients:
         """Per-task gradients of the shared encoder (heads scaled by their task's weight), or
-        with ``parameters="all"`` of every parameter, heads included, as one flat row."""
+        with ``parameters="all"`` of every parameter, heads included, as one flat row.
+
+        Across processes the statistics are global; with ``distributed.statistics = "exact"``
+        a ``"streaming"`` request is served in buffer mode (the summed T x P rows)."""
         names = self.task_names
+        reducer = self.distributed
+        if reducer.exact:
+            mode = "buffer"
         if parameters == "all":
             every = self.shared_parameters() + [
                 p for t in range(self.num_tasks) for p in self.head_parameters(t)
             ]
             return TaskGradients(
-                every, self.num_tasks, mode=mode, task_names=names, buffer_dtype=buffer_dtype
-            )
+                every, self.num_tasks, mode=mode, task_names=names, buffer_dtype=buffer_dtype,
+                reducer=reducer,
+            )  # fmt: skip
         heads = [self.head_parameters(t) for t in range(self.num_tasks)]
         return TaskGradients(
             self.shared_parameters(), self.num_tasks, mode=mode, task_parameters=heads,
-            task_names=names, buffer_dtype=buffer_dtype,
+            task_names=names, buffer_dtype=buffer_dtype, reducer=reducer,
         )  # fmt: skip
+
+    # -- processes -----------------------------------------------------------------------------
+
+    def shard(self, indices: Sequence[int]) -> list[int]:
+        """This process's slice of a global batch (all of it with one process)."""
+        return self.distributed.shard(indices) if self.distributed.enabled else list(indices)
+
+    def loss_share(
+        self, t: int, indices: Sequence[int], local: Sequence[int], *,
+        items: Sequence[Encoded] | None = None,
+    ) -> float:  # fmt: skip
+        """``units(local) / units(indices)``: the factor that turns the mean loss of the slice
+        ``local`` into its share of the global batch's mean loss (units: labelled tokens of a
+        token task, labelled texts of a sentence task; 0 for a batch with none)."""
+        source = self.encoded[t] if items is None else items
+        total = _loss_units(source, indices)
+        return _loss_units(source, local) / total if total else 0.0
+
+    def zero_loss(self, t: int) -> Tensor:
+        """A zero loss on task ``t``'s head (its gradient zero, not None): the loss of a
+        process whose slice of a batch is empty, so it joins the step's backward passes."""
+        head = self.head_parameters(t) or self.shared_parameters()
+        return torch.stack([p.reshape(-1)[0] for p in head]).sum().float() * 0.0
+
+    def loss_values(self, losses: Sequence[Tensor]) -> list[float]:
+        """Loss tensors as floats, read in one host synchronisation, summed over the
+        processes (each process holds its slice's share of the global mean)."""
+        if not losses:
+            return []
+        read = torch.stack([loss.detach().float() for loss in losses]).cpu()
+        if self.distributed.enabled:
+            return self.distributed.sum_values(read.tolist(), "losses")
+        return cast(list[float], read.tolist())
+
+    def mark_reduced(self, parameters: Sequence[Tensor]) -> None:
+        """These parameters' ``.grad`` already hold the all-process value (computed from
+        global statistics): the trainer's gradient all-reduce skips them this step."""
+        self.distributed.mark_reduced(parameters)
 
     # -- losses --------------------------------------------------------------------------------
 
@@ -150,8 +207,27 @@ class StepContext:
         ``items`` picks from another list (held-out items); ``per_sample=True`` gives one loss
         per item (a token item's mean over its labelled words); ``params`` evaluates the model
         at other parameter values (``torch.func.functional_call``: lookaheads).
+
+        Across processes: this process's share of that mean (see the class docs); per-item
+        losses are not split (every process computes every item's).
         """
         source = self.encoded[t] if items is None else items
+        if self.distributed.enabled and not per_sample:
+            local = self.distributed.shard(indices)
+            share = self.loss_share(t, indices, local, items=source)
+            if not local or share == 0.0:
+                return self.zero_loss(t)
+            return self._loss(t, source, local, False, params) * share
+        return self._loss(t, source, indices, per_sample, params)
+
+    def _loss(
+        self,
+        t: int,
+        source: Sequence[Encoded],
+        indices: Sequence[int],
+        per_sample: bool,
+        params: dict[str, Tensor] | None,
+    ) -> Tensor:
         batch = collate([source[i] for i in indices], self.pad)
         head = self.tasks[t].head
         ids = batch["input_ids"].to(self.device)
@@ -264,6 +340,18 @@ class StepContext:
         values = [str(update), str(self.epoch), str(self.global_step)]
         values += [f"{float(x):.10g}" for x in w] + [f"{float(x):.10g}" for x in omega]
         self._log("weights.csv", ",".join(values))
+
+
+def _loss_units(items: Sequence[Encoded], indices: Sequence[int]) -> int:
+    """What a mean loss over these items divides by: labelled positions (token items) or
+    labelled texts (sentence items)."""
+    ignore = LabelMap.ignore_index
+    total = 0
+    for i in indices:
+        item = items[i]
+        labels = item.labels[:1] if item.kind == "sentence" else item.labels
+        total += sum(1 for label in labels if label != ignore)
+    return total
 
 
 def _per_item_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -417,7 +505,7 @@ class StepLosses:
         """Each task's mean loss over the micro-batches; a non-finite one is an error."""
         if not self._parts:
             return {}
-        read = torch.stack([loss.float() for _, loss in self._parts]).cpu().tolist()
+        read = self.ctx.loss_values([loss for _, loss in self._parts])
         totals: dict[int, float] = {}
         for (t, _), value in zip(self._parts, read, strict=True):
             self.ctx.check_loss(self.ctx.tasks[t].name, value, self.ctx.global_step + 1)

@@ -9,6 +9,9 @@ weights is a :class:`~pyxtask.weighting.Weighting`: :class:`~pyxtask.weighting.T
 
 :class:`EqualMethod` is the all-tasks step with every task's batch loss counting once: the
 plain summed-loss step that every per-step method is measured against.
+
+Across processes (torchrun) both need no statistics: each process backwards its share of the
+batch, and the gradients are summed by the trainer (what DDP's all-reduce sends, no more).
 """
 
 from __future__ import annotations
@@ -66,16 +69,21 @@ class StreamMethod(Method):
 
     def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
         m = len(micro_batches)
-        sums: dict[int, list[float]] = {}
+        tasks: list[int] = []
+        losses: list[Tensor] = []
         for step in micro_batches:
             ((t, indices),) = step
             factor = 1.0
             if self.weights_as == "loss":
                 factor = float(self.weighting.loss_factors()[t])
             loss = ctx.batch_loss(t, indices)
-            value = float(loss.detach())
-            ctx.check_loss(ctx.tasks[t].name, value, ctx.global_step + 1)
             torch.autograd.backward(loss * factor if m == 1 else loss * (factor / m))
+            tasks.append(t)
+            losses.append(loss)
+        sums: dict[int, list[float]] = {}
+        # Read once after the backward passes (summed over the processes under torchrun).
+        for t, value in zip(tasks, ctx.loss_values(losses), strict=True):
+            ctx.check_loss(ctx.tasks[t].name, value, ctx.global_step + 1)
             acc = sums.setdefault(t, [0.0, 0.0])
             acc[0] += value
             acc[1] += 1

@@ -8,6 +8,11 @@ optimizer moves ``w`` in its own group, and ``w`` is renormalised to sum to T.
 W is every shared parameter: the paper takes the last shared layer to save a backward pass,
 but the hooks measure the whole encoder's gradient norms during the step's own backward at no
 extra cost.
+
+Across processes (torchrun): the losses are the global means; the norms are exact (the T x P
+rows summed, ``distributed.statistics = "exact"``) or estimated (``"cheap"``: ``R`` times the
+sum of the processes' squared norms); ``w``'s gradient is computed from them identically on
+every process and is not summed again.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class GradNormMethod(Method):
         norms = stats.sq_norms.sqrt()
         L = torch.tensor([losses[t] for t in range(ctx.num_tasks)], dtype=torch.float64)
         self.task_weights.grad = self._gradnorm.weight_gradient(w, norms, L)
+        ctx.mark_reduced([self.task_weights])  # from global norms and losses: not summed again
         return losses
 
     def after_update(self, ctx: StepContext) -> None:

@@ -9,6 +9,12 @@ the step's losses) to T weights, and one ``scatter_combination`` writes ``sum_t 
 gradients (``scale = "mean"``: equal weights 1/T give the plain summed-loss step) and
 ``f = w`` otherwise.
 
+Across processes (torchrun): ``distributed.statistics = "exact"`` sums the T x P rows over
+the processes (one all-reduce of T times the shared parameters) and forms the Gram, the
+weights and the combination from the global rows, identically on every process (the shared
+gradient is then not all-reduced again); ``"cheap"`` takes ``R`` times the sum of the
+processes' Grams (T x T numbers) and sums the local combinations like a plain step.
+
 >>> from pyxtask.methods.gram import GramMethod
 >>> from pyxtask.weighting import MGDA
 >>> GramMethod(MGDA()).name

@@ -78,7 +78,7 @@ class LossWeightedMethod(Method):
         for j, step in enumerate(micro_batches):
             losses = checked_losses(ctx, step, totals, m)
             if j == 0:
-                values = _values(self.name, losses)
+                values = _values(ctx, self.name, losses)
                 if self.update_with == "next-step" and getattr(weighting, "pending", False):
                     weighting.update(values)
                 w = weighting.observe(values)
@@ -95,7 +95,7 @@ class LossWeightedMethod(Method):
         if self.update_with == "same-batch" and self._learns_from_updates():
             with torch.no_grad():
                 losses = ctx.step_losses(cast(Step, self._first))
-            weighting.update(_values(self.name, losses))
+            weighting.update(_values(ctx, self.name, losses))
         self.updates += 1
         self.record(ctx)
 
@@ -118,8 +118,10 @@ class LossWeightedMethod(Method):
         self._factors = state["factors"].clone()
 
 
-def _values(name: str, losses: list[Tensor | None]) -> Tensor:
+def _values(ctx: StepContext, name: str, losses: list[Tensor | None]) -> Tensor:
     missing = [t for t, loss in enumerate(losses) if loss is None]
     if missing:
         raise ValueError(f"{name}: tasks {missing} have no batch in this step; it needs them all")
-    return torch.tensor([float(cast(Tensor, x).detach()) for x in losses], dtype=torch.float64)
+    # Summed over the processes under torchrun: every process's weighting sees global losses.
+    values = ctx.loss_values([cast(Tensor, x) for x in losses])
+    return torch.tensor(values, dtype=torch.float64)

@@ -8,6 +8,10 @@ at θ^k, one ``cross_gram`` gives ``d[t, s] = -(eta/T) grad L^q_t(θ^k) . grad L
 (eq. 10), and :class:`~pyxtask.weighting.MetaWeighting` takes the min-norm common direction and
 the step ``w <- w - alpha lambda*^T d`` (eqs. 11-13).
 
+Across processes (torchrun), ``exact``: the support and the query rows are each summed over
+the processes (two T x P all-reduces a step), so d is the one-process d; ``cheap``: d is
+``R`` times the sum of the processes' local products (T x T numbers).
+
 θ^k is the optimizer's real step (Adam, as in the paper's experiments); ``eta`` is the inner
 step of eq. 10, which the paper ties to its learning rate (2e-5 for BERT). That makes d tiny
 and w moves little; each epoch's movement is logged (``kind: "metaweighting"``) and a larger
@@ -101,6 +105,9 @@ class MetaWeightingMethod(Method):
         self._query.backward(ctx.heldout_losses(range(T), ctx.batch_size, seed))
         assert self._query.buffer is not None
         cross = ops.cross_gram(self._query.buffer, support.buffer).double().cpu()
+        reducer = ctx.distributed
+        if reducer.cheap:  # local rows (exact mode summed them): R times the summed products
+            cross = reducer.all_reduce_(cross, "statistics") * reducer.world_size
         self.weighting.update(cross)
         self.updates = self.weighting.updates
         ctx.model.zero_grad(set_to_none=True)  # the query pass is a measurement, not a step

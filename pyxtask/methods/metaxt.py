@@ -219,6 +219,12 @@ class MetaXTMethod(Method):
                 )
         if ctx.num_tasks < 2:
             raise ConfigError(f"{self.name} needs at least one source task")
+        if ctx.distributed.enabled:
+            raise ConfigError(
+                f"{self.name} runs on one process: its lookahead and label transfer network "
+                "are not split across processes yet; start it without torchrun (or with "
+                "--nproc-per-node 1)"
+            )
         hidden = int(ctx.model.encoder.config.hidden_size)
         self._target_labels = target.labels.labels
         self._sources = ctx.num_tasks - 1

@@ -11,6 +11,11 @@ the scale of the plain summed-loss step).
 inputs, one encoder pass serves every head; each task's gradient with respect to the
 encoder's *output* (one backward to the representation per task) gives the Gram, and one
 backward of ``sum_t T * lambda_t L_t`` runs through the encoder.
+
+Across processes (torchrun): MGDA is a :class:`~pyxtask.methods.gram.GramMethod` (exact or
+cheap statistics, see there). MGDA-UB's representation Gram is exact in both modes: the
+processes' slices are disjoint coordinates of the batch's representation, so the global Gram
+is the sum of theirs (T x T numbers).
 """
 
 from __future__ import annotations
@@ -57,9 +62,13 @@ class MGDAUBMethod(MGDAMethod):
     def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
         if len(micro_batches) != 1:
             raise ValueError("mgda-ub takes one batch per step (no gradient accumulation)")
-        ((_, rows),) = micro_batches[0]
+        ((_, global_rows),) = micro_batches[0]
         aligned = ctx.aligned()
         T, model = ctx.num_tasks, ctx.model
+        # Across processes: this process's rows; each loss its share of the global mean.
+        rows = ctx.shard(global_rows)
+        if not rows:
+            return self._empty_step(ctx)
         first = collate([ctx.encoded[0][aligned[r][0]] for r in rows], ctx.pad)
         ids = first["input_ids"].to(ctx.device)
         mask = first["attention_mask"].to(ctx.device)
@@ -69,7 +78,12 @@ class MGDAUBMethod(MGDAMethod):
             for t in range(T):
                 labels = collate([ctx.encoded[t][aligned[r][t]] for r in rows], ctx.pad)["labels"]
                 out = model.apply_head(ctx.tasks[t].head, hidden, mask, labels.to(ctx.device))
-                losses.append(cast(Tensor, out.loss).float())
+                loss = cast(Tensor, out.loss).float()
+                if ctx.distributed.enabled:
+                    mine = [aligned[r][t] for r in rows]
+                    every = [aligned[r][t] for r in global_rows]
+                    loss = loss * ctx.loss_share(t, every, mine)
+                losses.append(loss)
         read = StepLosses(ctx, 1)
         read.add(list(losses))
         values = read.values()
@@ -77,10 +91,31 @@ class MGDAUBMethod(MGDAMethod):
             torch.autograd.grad(loss, hidden, retain_graph=True)[0].reshape(-1) for loss in losses
         ]
         gram = ops.gram(torch.stack(rep).float()).double().cpu()
+        # The processes' representations are disjoint coordinates of the global one: the sum
+        # of their Grams is the global Gram, exactly, in both statistics modes.
+        gram = ctx.distributed.all_reduce_(gram, "statistics")
+        self._apply(ctx, gram, values, losses)
+        return values
+
+    def _empty_step(self, ctx: StepContext) -> dict[int, float]:
+        """A process whose slice of the batch is empty: zero losses, its share of the Gram
+        zero, the same collectives as the others."""
+        T = ctx.num_tasks
+        losses = [ctx.zero_loss(t) for t in range(T)]
+        read = StepLosses(ctx, 1)
+        read.add(list(losses))
+        values = read.values()
+        gram = ctx.distributed.all_reduce_(torch.zeros(T, T, dtype=torch.float64), "statistics")
+        self._apply(ctx, gram, values, losses)
+        return values
+
+    def _apply(
+        self, ctx: StepContext, gram: Tensor, values: dict[int, float], losses: list[Tensor]
+    ) -> None:
+        T = ctx.num_tasks
         self._factors = self.weighting(gram, loss_vector(values, T)) * T
         factors = self._factors.tolist()
         torch.autograd.backward(
             torch.stack([f * loss for f, loss in zip(factors, losses, strict=True)]).sum()
         )
         self.updates += 1
-        return values

@@ -13,6 +13,14 @@ target's in streaming mode (dot products in hooks, no T x P buffer, no extra pas
 The paper's η is per epoch; spread over an epoch's updates it becomes
 ``eta * update_every / steps_per_epoch`` per update, so an epoch of per-step updates moves ω
 about as far as one of the paper's.
+
+Across processes (torchrun), both: ``distributed.statistics = "exact"`` takes the statistics
+in buffer mode and sums the T x P rows over the processes (the probe's, or the step's), so the
+cosines are the one-process ones and ω is the same on every process; ``"cheap"`` streams as on
+one process and sums the target's gradient once (P numbers) and the dot products as T scalars
+(exact), the norms being ``R`` times the sum of the processes' (an estimate; probes with
+``tawt.gradients = "buffer"`` take ``R`` times the sum of the Grams instead). The eq. 2.7
+similarity (``"exact"``, conjugate gradients) runs on one process only.
 """
 
 from __future__ import annotations
@@ -51,6 +59,16 @@ class TAWTMethod(StreamMethod):
     def tawt(self) -> TAWT:
         return cast(TAWT, self.weighting)
 
+    def bind(self, ctx: StepContext) -> None:
+        super().bind(ctx)
+        if ctx.distributed.enabled and self.tawt.similarity == "exact":
+            from pyxtask.config import ConfigError  # noqa: PLC0415
+
+            raise ConfigError(
+                "tawt.similarity = 'exact' (eq. 2.7's conjugate gradients) runs on one process; "
+                "under torchrun use 'cosine' or 'dot'"
+            )
+
     def after_update(self, ctx: StepContext) -> None:
         every = self.tawt.update_every
         if every is not None and ctx.phase_step % every == 0:
@@ -81,8 +99,11 @@ class TAWTMethod(StreamMethod):
             if tawt.similarity == "exact":
                 reference = self._exact_reference(ctx, shared)
             losses = self._probe(ctx)
-            mode = self.gradients
-            with TaskGradients(shared, T, mode=mode, task_names=ctx.task_names) as grads:
+            reducer = ctx.distributed
+            mode = "buffer" if reducer.exact else self.gradients  # exact: the summed rows
+            with TaskGradients(
+                shared, T, mode=mode, task_names=ctx.task_names, reducer=reducer
+            ) as grads:
                 stats = grads.backward(losses, [1.0] * T, reference=reference)
         finally:
             model.zero_grad(set_to_none=True)

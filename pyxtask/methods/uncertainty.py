@@ -4,6 +4,10 @@ Every task's batch in every step; the objective is ``sum_t exp(-s_t) L_t + s_t /
 learnable ``s_t = log sigma_t^2`` (:class:`~pyxtask.weighting.Uncertainty`), so one plain
 backward gives the model ``sum_t exp(-s_t) grad L_t`` and ``s`` its own gradient; the
 optimizer moves ``s`` in its own group (``lr``; at the encoder's 5e-5 it would barely move).
+
+Across processes (torchrun) each process's objective holds its share of the losses and
+``s_t / (2R)``, so their gradients, summed like the model's, are the one-process gradient and
+``s`` stays the same everywhere.
 """
 
 from __future__ import annotations
@@ -45,7 +49,11 @@ class UncertaintyMethod(Method):
             losses = ctx.step_losses(step)
             read.add(losses)
             stacked = torch.stack([loss.double() for loss in losses if loss is not None])
-            torch.autograd.backward(self.uncertainty(stacked) / m)
+            objective = self.uncertainty(stacked)
+            R = ctx.distributed.world_size
+            if R > 1:  # the processes' objectives are summed: each adds s_t / 2 only once in R
+                objective = objective - (1 - 1 / R) * 0.5 * self.uncertainty.log_vars.sum()
+            torch.autograd.backward(objective / m)
         return read.values()
 
     def after_update(self, ctx: StepContext) -> None:
