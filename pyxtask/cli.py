@@ -1,6 +1,7 @@
 """The ``pyxtask`` command line: ``pyxtask data list | prepare NAME | info NAME``,
 ``pyxtask train [CONFIG] [--key value ...] [--resume]``, ``pyxtask export RUN_DIR --out
-BUNDLE``, ``pyxtask tag BUNDLE [FILE ...]`` and ``pyxtask serve BUNDLE``.
+BUNDLE``, ``pyxtask similarity --target T --sources S1,S2``, ``pyxtask tag BUNDLE [FILE ...]``
+and ``pyxtask serve BUNDLE``.
 
 ``tag`` and ``serve`` are :mod:`pyxtask.serving.cli`, run before this module builds its own
 parser: they import nothing that needs torch (not even :mod:`pyxtask.bench` for the
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
 from pyxtask.serving import cli as serving_cli
 from pyxtask.serving.cli import progress as _progress
+from pyxtask.similarity import cli as _similarity_cli
 
 
 def _size(text: str) -> int | str:
@@ -61,13 +64,14 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
         "--method",
         "method",
         str,
-        "tawt (default) | tawt-step | fixed | equal | mgda | mgda-ub | metaweighting | "
-        "gradnorm | uncertainty | upgrad | dualproj | pcgrad | cagrad | imtl-g | aligned-mtl | "
-        "nash-mtl | dwa | famo | rlw | metaxt | xt (or a registered method)",
+        "tawt (default) | tawt-step | tawt-samples | fixed | equal | mgda | mgda-ub | "
+        "metaweighting | gradnorm | uncertainty | upgrad | dualproj | pcgrad | cagrad | imtl-g | "
+        "aligned-mtl | nash-mtl | dwa | famo | rlw | metaxt | xt | alignment | svd "
+        "(or a registered method)",
     ),
     ("--weights-as", "weights_as", str, "loss (factors, the paper) | sampling (probabilities)"),
     ("--epoch", "epoch", str, "stream (all tasks' batches) | target (one pass over the target)"),
-    ("--encoder", "encoder", str, "minilm | tiny | a local encoder folder"),
+    ("--encoder", "encoder", str, "minilm | tiny | a local encoder folder | a run's best/"),
     ("--epochs", "epochs", int, "epochs (default 4)"),
     ("--batch-size", "batch_size", int, "batch size (default 32)"),
     ("--accumulate", "accumulate", int, "micro-batches per optimizer step (default 1)"),
@@ -114,6 +118,8 @@ _NEEDS = {
     "export": ("torch", "transformers"),
     "bench": ("torch", "transformers"),
     "data": ("torch",),
+    "similarity": ("torch", "transformers"),
+    "samples": ("torch",),
 }
 # Errors a user can act on (module, class): the message says what is wrong and what to do.
 # Looked up among the modules loaded so far, so tag and serve never import torch for them.
@@ -126,6 +132,8 @@ _USER_ERRORS = [
     ("pyxtask.data.files", "FileTaskError"),
     ("pyxtask.export", "ExportError"),
     ("pyxtask.checkpoint", "CheckpointError"),
+    ("pyxtask.distributed", "DistributedError"),
+    ("pyxtask.sample_report", "SampleReportError"),
 ]
 
 __all__ = ["main"]
@@ -178,6 +186,21 @@ def _parser() -> argparse.ArgumentParser:
     # The key's old name (configs say weighting = "tawt" | "fixed"): still read.
     train.add_argument("--weighting", dest="set_weighting", help=argparse.SUPPRESS)
     train.add_argument("--resume", action="store_true", help="continue the run in --output")
+    train.add_argument(
+        "--dist-statistics",
+        dest="dist_statistics",
+        metavar="CHOICE",
+        help="under torchrun: per-task statistics exact (T x P gradients summed, default) | "
+        "cheap (each process's statistics summed)",
+    )
+    train.add_argument(
+        "--dist-timeout",
+        dest="dist_timeout",
+        type=float,
+        metavar="X",
+        help="under torchrun: seconds a process waits for the others before the run fails "
+        "(default 600)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
     export = commands.add_parser(
@@ -205,6 +228,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
 
+    samples = commands.add_parser(
+        "samples", help="a tawt-samples run's least and most trusted source examples, plots"
+    )
+    samples.add_argument("run_dir", metavar="RUN_DIR", help="a run of --method tawt-samples")
+    samples.add_argument("--top", type=int, default=20, metavar="N", help="rows per end (20)")
+
+    _similarity_cli.add_parser(commands)
     serving_cli.add_tag(commands)
     bench = commands.add_parser(
         "bench",
@@ -245,6 +275,13 @@ def _train_config(args: argparse.Namespace) -> Any:
         tawt[key] = value
     if tawt:
         base["tawt"] = tawt
+    distributed = dict(base.get("distributed", {}))
+    if args.dist_statistics is not None:
+        distributed["statistics"] = args.dist_statistics
+    if args.dist_timeout is not None:
+        distributed["timeout"] = args.dist_timeout
+    if distributed:
+        base["distributed"] = distributed
     return from_mapping(base, source=args.config or "flags")
 
 
@@ -332,9 +369,39 @@ def _train(args: argparse.Namespace) -> None:
     config = _train_config(args)
     # The run's own tqdm bars say what is happening; transformers' per-save bars are noise.
     _no_transformers_bars()
-    result = run_experiment(config, resume=args.resume, progress=not args.quiet, log=_progress)
+    from pyxtask.distributed import torchrun_environment  # noqa: PLC0415
+
+    env = torchrun_environment()
+    main_process = env is None or env["rank"] == 0  # under torchrun, rank 0 speaks
+    if not main_process:
+        import warnings  # noqa: PLC0415
+
+        warnings.simplefilter("ignore")  # rank 0 already says it once
+    result = run_experiment(
+        config,
+        resume=args.resume,
+        progress=not args.quiet and main_process,
+        log=_progress if main_process else lambda line: None,
+    )
+    if not main_process:
+        return
     print(result.table())
     print(f"run folder: {config.output} (summary.json, metrics.jsonl, weights.csv, *.png, best/)")
+    if config.method == "tawt-samples" and os.path.exists(f"{config.output}/sample_weights.pt"):
+        from pyxtask.sample_report import write_report  # noqa: PLC0415
+
+        write_report(config.output)
+        print(f"sample weights: pyxtask samples {config.output} (sample_weights*.png, *.csv)")
+
+
+def _samples(args: argparse.Namespace) -> None:
+    from pyxtask import sample_report  # noqa: PLC0415
+
+    if args.top < 1:
+        raise ValueError(f"--top {args.top}: expected a number of rows >= 1")
+    paths = sample_report.write_report(args.run_dir, args.top)
+    print(sample_report.text_table(sample_report.load_sample_weights(args.run_dir), args.top))
+    print("written: " + ", ".join(p.name for p in paths))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -362,6 +429,10 @@ def _run(args: argparse.Namespace) -> int:
         _train(args)
     elif args.command == "export":
         _export(args)
+    elif args.command == "similarity":
+        _similarity_cli.run(args)
+    elif args.command == "samples":
+        _samples(args)
     else:
         _data(args)
     return 0

@@ -23,9 +23,11 @@ from pyxtask.data.files import is_task_file as _is_task_file
 __all__ = [
     "COMPARISONS",
     "ConfigError",
+    "DistributedConfig",
     "GradNormConfig",
     "MGDAConfig",
     "MetaWeightingConfig",
+    "SampleTAWTConfig",
     "TAWTConfig",
     "TrainConfig",
     "UncertaintyConfig",
@@ -36,7 +38,9 @@ PARADIGMS = ("single", "joint", "normalized-joint", "pretrain")
 WEIGHTS_AS = ("loss", "sampling")
 EPOCHS = ("stream", "target")
 #: Methods that take one task's batch per step from the stream (the rest take every task's).
-STREAM_METHODS = ("fixed", "tawt")
+STREAM_METHODS = ("fixed", "tawt", "tawt-samples", "alignment")
+#: Methods that can train the target alone (paradigm ``single``).
+SINGLE_METHODS = ("fixed", "alignment")
 #: Fixed baselines ``compare`` can run beside the main run, with the same data and seed; any
 #: method name (``pyxtask.methods.method_names()``) runs that method beside it too.
 COMPARISONS = ("single", "single-steps", "joint", "normalized-joint", "pretrain")
@@ -62,6 +66,26 @@ class TAWTConfig:
     gradients: str = "streaming"
     damping: float = 1e-2
     cg_max_iter: int = 20
+
+
+@dataclass
+class SampleTAWTConfig:
+    """``tawt-samples``: TAWT on source examples (see :mod:`pyxtask.methods.sample_tawt`)."""
+
+    #: ``"cosine"`` (per-example cosine with the target's gradient) or ``"dot"`` (App. B).
+    similarity: str = "cosine"
+    #: ``g_i = -c * s_i``; ``None``: 1 for cosine, 5 for dot (the paper's App. B).
+    c: float | None = None
+    #: The mirror-descent step η.
+    lr: float = 1.0
+    #: Epochs between weight updates (the paper: 5, 40 updates in 200 epochs).
+    update_every: int = 1
+    #: Target examples the target's gradient is taken on (``None``: all of them).
+    target_probe: int | None = None
+    #: Parameters the per-example products cover: ``"all"`` or ``"linear"`` layers.
+    layers: str = "all"
+    #: Examples per batch of the update's pass (``None``: the run's batch size).
+    batch_size: int | None = None
 
 
 @dataclass
@@ -178,9 +202,51 @@ class MetaXTConfig:
     map_examples: int = 256
 
 
+@dataclass
+class AlignmentConfig:
+    """Covariance alignment (Wu, Zhang & Ré 2020, Alg. 1). The paper trains the alignment
+    matrices with the heads at BERT's learning rate (2e-5, App. B.3) and gives no length for
+    the encoder-fixed stage."""
+
+    #: Epochs of Alg. 1 proper (encoder fixed; heads and alignment matrices move) before the
+    #: usual training; as many as ``epochs`` keeps the encoder fixed throughout (the paper's GLUE
+    #: runs).
+    epochs: int = 1
+    #: The alignment matrices' learning rate (their own group, no decay); unset: the run's lr.
+    lr: float | None = None
+    #: Which tasks get a matrix: "all" (joint training) or "target" (with paradigm "single"
+    #: and a source-trained encoder: transfer).
+    tasks: str = "all"
+
+
+@dataclass
+class SVDConfig:
+    """SVD task reweighting (Wu, Zhang & Ré 2020, Alg. 2) for tasks labelling the same inputs."""
+
+    #: The rank r of the approximation of the thetas; unset: the number of tasks (the paper's
+    #: largest, r <= k).
+    rank: int | None = None
+    #: Shared examples (sentences) whose encoder features give the weights (a seeded sample).
+    examples: int = 512
+    #: Centre the features first (a constant direction carries no label information).
+    center: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    """Training under torchrun (several processes); a single process ignores it."""
+
+    #: Per-task statistics: "exact" (the T x P per-task gradients summed over the processes,
+    #: then the statistics) or "cheap" (each process's statistics summed; see docs).
+    statistics: str = "exact"
+    #: Seconds any collective may wait for the other processes before the run fails.
+    timeout: float = 600.0
+
+
 #: The method tables of a configuration file and their dataclasses.
 SECTIONS: dict[str, type] = {
     "tawt": TAWTConfig,
+    "tawt_samples": SampleTAWTConfig,
     "mgda": MGDAConfig,
     "metaweighting": MetaWeightingConfig,
     "gradnorm": GradNormConfig,
@@ -193,6 +259,9 @@ SECTIONS: dict[str, type] = {
     "famo": FAMOConfig,
     "rlw": RLWConfig,
     "metaxt": MetaXTConfig,
+    "distributed": DistributedConfig,
+    "alignment": AlignmentConfig,
+    "svd": SVDConfig,
 }
 
 
@@ -245,6 +314,7 @@ class TrainConfig:
     log_every: int = 10
     compare: list[str] = field(default_factory=list)
     tawt: TAWTConfig = field(default_factory=TAWTConfig)
+    tawt_samples: SampleTAWTConfig = field(default_factory=SampleTAWTConfig)
     mgda: MGDAConfig = field(default_factory=MGDAConfig)
     metaweighting: MetaWeightingConfig = field(default_factory=MetaWeightingConfig)
     gradnorm: GradNormConfig = field(default_factory=GradNormConfig)
@@ -257,6 +327,9 @@ class TrainConfig:
     famo: FAMOConfig = field(default_factory=FAMOConfig)
     rlw: RLWConfig = field(default_factory=RLWConfig)
     metaxt: MetaXTConfig = field(default_factory=MetaXTConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    svd: SVDConfig = field(default_factory=SVDConfig)
     cache: str | None = None
     #: Tasks read from the user's own files, by name (``[tasks.NAME]`` tables).
     tasks: dict[str, FileTask] = field(default_factory=dict)
@@ -270,11 +343,11 @@ class TrainConfig:
     def label(self) -> str:
         """The run's short name: ``tawt-normalized-joint``, ``normalized-joint``, ``single``,
         ``single-steps``, ``mgda``, ``tawt-step-joint``, …"""
-        if self.paradigm == "single":
+        if self.paradigm == "single" and self.method == "fixed":
             return "single" if self.total_steps is None else "single-steps"
         if self.method == "fixed":
             return self.paradigm
-        if self.method in ("tawt", "tawt-step"):
+        if self.method in ("tawt", "tawt-step", "alignment"):
             return f"{self.method}-{self.paradigm}"
         return self.method
 
@@ -310,6 +383,8 @@ class TrainConfig:
         choice("tawt.similarity", self.tawt.similarity, ("cosine", "dot", "exact"))
         choice("tawt.gradients", self.tawt.gradients, ("streaming", "buffer"))
         choice("pcgrad.order", self.pcgrad.order, ("random", "index"))
+        choice("tawt_samples.similarity", self.tawt_samples.similarity, ("cosine", "dot"))
+        choice("tawt_samples.layers", self.tawt_samples.layers, ("all", "linear"))
         choice("aligned_mtl.scale_mode", self.aligned_mtl.scale_mode, ("min", "median", "rmse"))
         choice("famo.update_with", self.famo.update_with, ("same-batch", "next-step"))
         choice("metaxt.meta_gradient", self.metaxt.meta_gradient,
@@ -317,6 +392,14 @@ class TrainConfig:
         choice("rlw.distribution", self.rlw.distribution,
                ("normal", "uniform", "dirichlet", "bernoulli"))  # fmt: skip
         choice("unseen_labels", self.unseen_labels, UNSEEN_LABELS)
+        choice("distributed.statistics", self.distributed.statistics, ("exact", "cheap"))
+        choice("alignment.tasks", self.alignment.tasks, ("all", "target"))
+        if self.method == "alignment" and self.paradigm == "pretrain":
+            raise ConfigError(
+                "method = 'alignment' aligns the tasks it trains, and pretrain fine-tunes the "
+                "target plainly; for transfer, train the source, then the target with paradigm "
+                "'single', method 'alignment' and encoder = the source run's best/ folder"
+            )
         for task in [self.target, *self.sources]:
             if task not in self.tasks:
                 _check_task_name(task)
@@ -325,7 +408,7 @@ class TrainConfig:
                 f"tasks must be distinct: target {self.target!r}, sources {self.sources}"
             )
         if self.paradigm == "single":
-            if self.method != "fixed":
+            if self.method not in SINGLE_METHODS:
                 raise ConfigError(
                     f"method = {self.method!r} needs source tasks; paradigm 'single' trains the "
                     "target alone (method = 'fixed')"
@@ -367,9 +450,14 @@ class TrainConfig:
             ("test_size", self.test_size, 1),
             ("total_steps", self.total_steps, 1),
             ("tawt.update_every", self.tawt.update_every, 1),
+            ("tawt_samples.update_every", self.tawt_samples.update_every, 1),
+            ("tawt_samples.target_probe", self.tawt_samples.target_probe, 1),
+            ("tawt_samples.batch_size", self.tawt_samples.batch_size, 1),
             ("metaxt.label_dim", self.metaxt.label_dim, 1),
             ("metaxt.hidden", self.metaxt.hidden, 1),
             ("metaxt.map_examples", self.metaxt.map_examples, 1),
+            ("svd.rank", self.svd.rank, 1),
+            ("svd.examples", self.svd.examples, 1),
         ):
             if value is not None and (not _is_int(value) or value < low):
                 raise ConfigError(f"{key} = {value!r} must be an integer >= {low} (or unset)")
@@ -384,6 +472,7 @@ class TrainConfig:
             ("tawt.probe_size", self.tawt.probe_size, 1, 1 << 20),
             ("tawt.cg_max_iter", self.tawt.cg_max_iter, 1, 100_000),
             ("seed", self.seed, 0, 2**63 - 1),
+            ("alignment.epochs", self.alignment.epochs, 0, 10_000),
         )
         for name, number, low, high in bounded:
             if not _is_int(number) or not low <= cast(int, number) <= high:
@@ -395,6 +484,7 @@ class TrainConfig:
             ("dropout", self.dropout, 0.0, 0.99),
             ("tawt.lr", self.tawt.lr, 0.0, 1e6),
             ("tawt.damping", self.tawt.damping, 0.0, 1e6),
+            ("tawt_samples.lr", self.tawt_samples.lr, 1e-12, 1e6),
             ("metaweighting.alpha", self.metaweighting.alpha, 1e-12, 1e6),
             ("metaweighting.eta", self.metaweighting.eta, 1e-12, 1e6),
             ("metaweighting.query_ratio", self.metaweighting.query_ratio, 1e-6, 0.5),
@@ -413,14 +503,21 @@ class TrainConfig:
             ("metaxt.fd_eps", self.metaxt.fd_eps, 1e-12, 1e3),
             ("metaxt.lr", self.metaxt.lr, 1e-12, 10.0),
             ("metaxt.meta_fraction", self.metaxt.meta_fraction, 1e-6, 0.999),
+            ("distributed.timeout", self.distributed.timeout, 1.0, 1e6),
         )
         for name, number, lo, hi in ranges:
             if not _is_number(number) or not lo <= float(cast(float, number)) <= hi:
                 raise ConfigError(f"{name} = {number!r} must be a number in [{lo}, {hi}]")
+        align_lr = self.alignment.lr
+        if align_lr is not None and (not _is_number(align_lr) or not 0 < float(align_lr) <= 10):
+            raise ConfigError(f"alignment.lr = {align_lr!r} must be a number in (0, 10] (or unset)")
         if not self.lr > 0 or not self.tawt.lr > 0:
             raise ConfigError("lr and tawt.lr must be > 0")
         if not _is_number(self.clip) or not float(self.clip) >= 0:
             raise ConfigError(f"clip = {self.clip!r} must be a number >= 0 (0: no clipping)")
+        c_samples = self.tawt_samples.c
+        if c_samples is not None and (not _is_number(c_samples) or not float(c_samples) > 0):
+            raise ConfigError(f"tawt_samples.c = {c_samples!r} must be a number > 0 (or unset)")
         cs = self.tawt.c if isinstance(self.tawt.c, list) else [self.tawt.c]
         for c in cs:
             if c is not None and (not _is_number(c) or not float(c) > 0):
@@ -436,6 +533,8 @@ class TrainConfig:
             )
         if not isinstance(self.group_by_length, bool) or not isinstance(self.bf16, bool):
             raise ConfigError("group_by_length and bf16 must be true or false")
+        if not isinstance(self.svd.center, bool):
+            raise ConfigError(f"svd.center = {self.svd.center!r} must be true or false")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device = {self.device!r}: use 'auto', 'cpu' or 'cuda[:N]'")
 

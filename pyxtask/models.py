@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
 
@@ -301,6 +301,10 @@ class MultiTaskModel(nn.Module):
                 for name, label_map in label_maps.items()
             }
         )
+        #: ``(task, embeddings) -> embeddings``, applied to the sum of the word, position and
+        #: token-type embeddings before the embedding LayerNorm when :meth:`forward` runs a task
+        #: (a method's per-task input alignment; not part of the model, never saved).
+        self.embedding_transform: Callable[[str, Tensor], Tensor] | None = None
         self.train(encoder.training)
 
     # -- constructors -------------------------------------------------------------------------
@@ -315,15 +319,21 @@ class MultiTaskModel(nn.Module):
     ) -> MultiTaskModel:
         """Encoder (``AutoModel``) and tokenizer (``AutoTokenizer``) from a local folder.
 
-        ``path=None`` uses :func:`default_encoder_path` (all-MiniLM-L6-v2). Nothing is
+        ``path=None`` uses :func:`default_encoder_path` (all-MiniLM-L6-v2); a folder written
+        by :meth:`save` (a run's ``best/``) gives its encoder and tokenizer. Nothing is
         downloaded (``local_files_only=True``). The heads are freshly initialised, and the
         model is returned in eval mode, as ``transformers`` does; call ``.train()`` to train.
         """
         folder = default_encoder_path() if path is None else Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"encoder folder {os.fspath(folder)!r} does not exist")
-        encoder = AutoModel.from_pretrained(folder, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        encoder_dir, tokenizer_dir, extra = folder, folder, {}
+        if (folder / _MANIFEST).is_file():  # a saved model (a run's best/): its encoder
+            manifest = _read_manifest(folder / _MANIFEST)
+            encoder_dir, tokenizer_dir = folder / _ENCODER_DIR, folder / _TOKENIZER_DIR
+            extra = {"add_pooling_layer": False} if manifest["encoder_pooler_slot"] else {}
+        encoder = AutoModel.from_pretrained(encoder_dir, local_files_only=True, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         return cls(encoder, tasks, dropout=dropout, tokenizer=tokenizer, pooling=pooling).eval()
 
     @classmethod
@@ -378,11 +388,12 @@ class MultiTaskModel(nn.Module):
 
     # -- computation --------------------------------------------------------------------------
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def encode(self, input_ids: Tensor, attention_mask: Tensor, task: str | None = None) -> Tensor:
         """The encoder's last hidden states, ``(batch, seq, hidden)``.
 
         Compute this once and pass it to :meth:`apply_head` for several tasks to share one
-        encoder pass (and one graph) between their losses.
+        encoder pass (and one graph) between their losses. With ``task`` and an
+        :attr:`embedding_transform`, the transform sees that task's summed embeddings.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -391,8 +402,25 @@ class MultiTaskModel(nn.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
                 f"{tuple(input_ids.shape)}; they must match"
             )
-        output = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        with self._transformed_embeddings(task):
+            output = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, return_dict=True
+            )
         return cast(Tensor, output.last_hidden_state)
+
+    @contextlib.contextmanager
+    def _transformed_embeddings(self, task: str | None) -> Iterator[None]:
+        transform = self.embedding_transform
+        if task is None or transform is None:
+            yield
+            return
+        # The LayerNorm's input is exactly word + position + type embeddings (BERT's family).
+        norm = self.encoder.embeddings.LayerNorm
+        handle = norm.register_forward_pre_hook(lambda _, args: (transform(task, args[0]),))
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def apply_head(
         self,
@@ -419,7 +447,7 @@ class MultiTaskModel(nn.Module):
         there is no label; sentence tasks take ``(batch,)`` labels, all valid ids.
         """
         self.head(task)  # an unknown task fails before the encoder pass is paid for
-        hidden_states = self.encode(input_ids, attention_mask)
+        hidden_states = self.encode(input_ids, attention_mask, task)
         return self.apply_head(task, hidden_states, attention_mask, labels)
 
     def task_loss(self, task: str, logits: Tensor, labels: Tensor) -> Tensor:

@@ -23,8 +23,12 @@ __all__ = [
     "cosine_matrix",
     "cross_gram",
     "dual_cone_projection",
+    "embedding_sample_dots",
+    "embedding_sample_sq_norms",
     "gather_flat",
     "gram",
+    "linear_sample_dots",
+    "linear_sample_sq_norms",
     "min_norm_point",
     "mirror_descent_step",
     "nash_bargaining",
@@ -47,6 +51,10 @@ OP_NAMES = (
     "dual_cone_projection",
     "nash_bargaining",
     "cagrad_inner",
+    "linear_sample_dots",
+    "linear_sample_sq_norms",
+    "embedding_sample_dots",
+    "embedding_sample_sq_norms",
 )
 
 
@@ -261,3 +269,74 @@ def cagrad_inner(
     """
     w, residual = torch.ops.pyxtask.cagrad_inner(M, float(c), int(max_iter), float(tol))
     return w, residual
+
+
+def linear_sample_dots(a: Tensor, d: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per sample b, ``<G_b, v>`` with ``G_b = sum_k m_bk d_bk a_bk^T`` the gradient of sample
+    b's loss w.r.t. a linear layer's weight, never formed.
+
+    ``a`` ``[B, L, I]``: the layer's inputs; ``d`` ``[B, L, O]``: the gradients of its
+    outputs; ``v`` ``[O, I]``; ``mask`` ``[B, L]``, nonzero at real positions (None: all).
+    One GEMM over the real positions, ``D @ v`` or ``A @ v.T`` (whichever has fewer
+    columns), then a dot per row. Returns ``[B]``, float32 (float64 for float64 inputs).
+
+    >>> import torch, pyxtask
+    >>> a = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    >>> d = torch.tensor([[[3.0], [1.0]]])
+    >>> pyxtask.ops.linear_sample_dots(a, d, torch.tensor([[1.0, 1.0]]))  # G = [[3, 2]]
+    tensor([5.])
+    >>> pyxtask.ops.linear_sample_dots(a, d, torch.tensor([[1.0, 1.0]]), torch.tensor([[1, 0]]))
+    tensor([3.])
+    """
+    out: Tensor = torch.ops.pyxtask.linear_sample_dots(a, d, v, mask)
+    return out
+
+
+def linear_sample_sq_norms(
+    a: Tensor, d: Tensor, mask: Tensor | None = None, method: str = "auto"
+) -> Tensor:
+    """Per sample b, ``||G_b||^2`` for the G_b of :func:`linear_sample_dots`, never formed
+    for the whole batch.
+
+    ``method="gram"``: ``sum_{k,l} (d_bk . d_bl)(a_bk . a_bl)`` from the two L x L Grams of
+    the sample (~L^2 (I + O) multiply-adds); ``"materialize"``: ``G_b`` built for one
+    sample at a time (~L I O); ``"auto"``: the cheaper at each sample's number of real
+    positions (on CUDA: at L, for the whole batch).
+
+    >>> import torch, pyxtask
+    >>> a = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    >>> d = torch.tensor([[[3.0], [1.0]]])
+    >>> pyxtask.ops.linear_sample_sq_norms(a, d)  # ||[[3, 2]]||^2
+    tensor([13.])
+    """
+    out: Tensor = torch.ops.pyxtask.linear_sample_sq_norms(a, d, mask, method)
+    return out
+
+
+def embedding_sample_dots(ids: Tensor, d: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per sample b, ``<G_b, v>`` for an embedding's per-sample gradient G_b, whose row r is
+    the sum of ``d_bk`` over the real positions k with ``ids_bk = r``.
+
+    ``ids`` ``[B, L]`` (int64/int32), ``d`` ``[B, L, H]``, ``v`` ``[num_embeddings, H]``,
+    ``mask`` ``[B, L]`` or None. An id outside v's rows at a real position is an error.
+
+    >>> import torch, pyxtask
+    >>> ids, d = torch.tensor([[2, 0, 2]]), torch.ones(1, 3, 2)
+    >>> v = torch.tensor([[1.0, 0.0], [5.0, 5.0], [0.0, 3.0]])
+    >>> pyxtask.ops.embedding_sample_dots(ids, d, v)  # G = [[1, 1], [0, 0], [2, 2]]
+    tensor([7.])
+    """
+    out: Tensor = torch.ops.pyxtask.embedding_sample_dots(ids, d, v, mask)
+    return out
+
+
+def embedding_sample_sq_norms(ids: Tensor, d: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per sample b, ``||G_b||^2`` for the G_b of :func:`embedding_sample_dots`: positions with
+    the same id are summed before the norm.
+
+    >>> import torch, pyxtask
+    >>> pyxtask.ops.embedding_sample_sq_norms(torch.tensor([[2, 0, 2]]), torch.ones(1, 3, 2))
+    tensor([10.])
+    """
+    out: Tensor = torch.ops.pyxtask.embedding_sample_sq_norms(ids, d, mask)
+    return out

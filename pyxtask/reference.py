@@ -233,3 +233,47 @@ def cagrad_inner_reference(M: Tensor, c: float, max_iter: int = 1000, tol: float
         else:
             hi = mid
     return torch.from_numpy(min_norm(hi))
+
+
+def _positions_mask(mask: Tensor | None, shape: torch.Size) -> Tensor:
+    """The [B, L] mask of real positions as float64 (all ones when None)."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.float64)
+    return (mask != 0).double()
+
+
+def linear_sample_dots_reference(a: Tensor, d: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Per sample b: <sum_k m_bk d_bk a_bk^T, v>, the dot of sample b's weight gradient with v."""
+    m = _positions_mask(mask, a.shape[:2])
+    return torch.einsum("blo,oi,bli,bl->b", d.double(), v.double(), a.double(), m)
+
+
+def linear_sample_sq_norms_reference(
+    a: Tensor, d: Tensor, mask: Tensor | None, method: str = "auto"
+) -> Tensor:
+    """Per sample b: ||sum_k m_bk d_bk a_bk^T||^2, from the materialised per-sample gradients
+    (``method`` only picks the op's algorithm; the answer is the same)."""
+    m = _positions_mask(mask, a.shape[:2])
+    per_sample = torch.einsum("blo,bli,bl->boi", d.double(), a.double(), m)
+    return per_sample.square().sum((1, 2))
+
+
+def embedding_sample_dots_reference(
+    ids: Tensor, d: Tensor, v: Tensor, mask: Tensor | None
+) -> Tensor:
+    """Per sample b: sum_k m_bk d_bk . v[ids_bk] (the dot of b's embedding gradient with v)."""
+    m = _positions_mask(mask, ids.shape)
+    rows = v.double()[ids.long()]
+    return torch.einsum("blh,blh,bl->b", d.double(), rows, m)
+
+
+def embedding_sample_sq_norms_reference(ids: Tensor, d: Tensor, mask: Tensor | None) -> Tensor:
+    """Per sample b: ||G_b||^2 with G_b[r] = sum_{k: ids_bk = r} m_bk d_bk, materialised."""
+    m = _positions_mask(mask, ids.shape)
+    out = torch.zeros(ids.shape[0], dtype=torch.float64)
+    for b in range(ids.shape[0]):
+        rows = int(ids[b].max()) + 1 if ids.shape[1] else 0
+        grad = torch.zeros(rows, d.shape[-1], dtype=torch.float64)
+        grad.index_add_(0, ids[b].long(), d[b].double() * m[b, :, None])
+        out[b] = grad.square().sum()
+    return out

@@ -276,3 +276,118 @@ def test_add_scaled_with_a_vector_that_is_its_tensor(dtype):
     for t, s in zip(x, start, strict=True):
         e = 1.5 * s.double()
         assert_within(t, e, 2 * unit(acc_dtype(dtype)) * e.abs() + rounding(dtype, e), "alias")
+
+
+# -- per-sample gradient products (csrc/ops/sample_products_cuda.cu) ------------------------
+# One block per sample; the linear norms take the batch's L x L Grams or, when
+# L (I + O) > I O, the per-sample gradients a chunk of samples at a time (chunks of
+# 2^24 / (I O) samples: I = O = 4096 gives one sample per chunk). Inputs are rounded to
+# their dtype first, so the float64 reference sees exactly what the kernels see; half
+# inputs are widened to float32. Each product sum is off by at most ~(terms) u sum |terms|.
+
+
+def sample_mask(B: int, L: int, gen: torch.Generator) -> torch.Tensor:
+    """Right padding, holes and one sample with no real position."""
+    lengths = torch.randint(0, L + 1, (B,), generator=gen)
+    mask = torch.arange(L)[None] < lengths[:, None]
+    mask[B // 2] = torch.rand(L, generator=gen) < 0.5
+    mask[-1] = False
+    return mask
+
+
+SAMPLE_SHAPES = [
+    (1, 1, 1, 1),
+    (3, 7, 33, 5),
+    (32, 128, 384, 1536),
+    (5, 200, 8, 8),
+    (2, 9, 4096, 4096),
+]
+
+
+@pytest.mark.parametrize(("B", "L", "I", "O"), SAMPLE_SHAPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_linear_sample_products(dtype, B, L, I, O):  # noqa: E741
+    gen = torch.Generator().manual_seed(B * L + I + O)
+    a = torch.randn(B, L, I, generator=gen).to(dtype)
+    d = torch.randn(B, L, O, generator=gen).to(dtype)
+    v = torch.randn(O, I, generator=gen).to(dtype)
+    mask = sample_mask(B, L, gen)
+    m = mask.double()
+    u = unit(acc_dtype(dtype))
+    expected = reference.linear_sample_dots_reference(a, d, v, mask)
+    bound = torch.einsum(
+        "blo,oi,bli,bl->b", d.double().abs(), v.double().abs(), a.double().abs(), m
+    )
+    got = pyxtask.ops.linear_sample_dots(a.cuda(), d.cuda(), v.cuda(), mask.cuda())
+    assert got.dtype == acc_dtype(dtype) and got.shape == (B,)
+    assert_within(got.cpu(), expected, (I + O + L + 4) * u * bound, f"dots {dtype} {B, L, I, O}")
+    expected_sq = reference.linear_sample_sq_norms_reference(a, d, mask)
+    sq_bound = torch.einsum("blo,bli,bl->b", d.double().abs(), a.double().abs(), m) ** 2
+    for method in ("gram", "materialize", "auto"):
+        sq = pyxtask.ops.linear_sample_sq_norms(a.cuda(), d.cuda(), mask.cuda(), method)
+        tol = (I + O + L * L + 4) * u * sq_bound
+        assert_within(sq.cpu(), expected_sq, tol, f"sq_norms {method} {dtype} {B, L, I, O}")
+    assert float(sq[-1]) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("B", "L", "H", "rows"), [(1, 1, 1, 1), (4, 9, 33, 3), (32, 128, 384, 30522)]
+)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_embedding_sample_products(dtype, B, L, H, rows):
+    gen = torch.Generator().manual_seed(B + L + H)
+    ids = torch.randint(0, min(rows, 7), (B, L), generator=gen)  # ids repeat in a sample
+    d = torch.randn(B, L, H, generator=gen).to(dtype)
+    v = torch.randn(rows, H, generator=gen).to(dtype)
+    mask = sample_mask(B, L, gen)
+    m = mask.double()
+    u = unit(acc_dtype(dtype))
+    bound = torch.einsum("blh,blh,bl->b", d.double().abs(), v.double().abs()[ids], m)
+    got = pyxtask.ops.embedding_sample_dots(ids.cuda(), d.cuda(), v.cuda(), mask.cuda())
+    expected = reference.embedding_sample_dots_reference(ids, d, v, mask)
+    assert_within(got.cpu(), expected, (H + L + 4) * u * bound, f"embedding dots {dtype}")
+    sq = pyxtask.ops.embedding_sample_sq_norms(ids.cuda(), d.cuda(), mask.cuda())
+    expected_sq = reference.embedding_sample_sq_norms_reference(ids, d, mask)
+    sq_bound = torch.einsum("blh,bl->b", d.double().abs(), m) ** 2 * H
+    assert_within(sq.cpu(), expected_sq, (H + L + 4) * u * sq_bound, f"embedding sq {dtype}")
+    bad = ids.clone()
+    bad[0, 0] = rows
+    with pytest.raises(RuntimeError, match="is not a row of v"):
+        pyxtask.ops.embedding_sample_dots(bad.cuda(), d.cuda(), v.cuda(), None)
+
+
+def test_sample_gradient_products_on_cuda_match_the_cpu():
+    """The whole module on a small BERT: CUDA against CPU, float64."""
+    import transformers
+
+    from pyxtask.sample_gradients import SampleGradientProducts
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=16, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    model = transformers.BertModel(config, add_pooling_layer=False).double()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 40, (6, 12), generator=gen)
+    mask = sample_mask(6, 12, gen).long()
+    mask[:, 0] = 1
+    vector = {
+        n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in model.named_parameters()
+    }
+    results = []
+    for device in ("cpu", "cuda"):
+        model.to(device)
+        products = SampleGradientProducts(model)
+        on = {n: t.to(device) for n, t in vector.items()}
+
+        def losses(device=device):
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            return (out.square().sum(-1) * mask.to(device)).sum(1)
+
+        dots, sq = products.measure(losses, on, mask.to(device))
+        results.append((dots.cpu(), sq.cpu()))
+    (cpu_dots, cpu_sq), (gpu_dots, gpu_sq) = results
+    assert torch.allclose(gpu_dots, cpu_dots, rtol=1e-9, atol=1e-9 * float(cpu_dots.abs().max()))
+    assert torch.allclose(gpu_sq, cpu_sq, rtol=1e-9)

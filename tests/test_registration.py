@@ -52,6 +52,15 @@ def opcheck_cases():
     yield "nash_bargaining", (M, None, 100, 1e-12), {}
     yield "nash_bargaining", (M.double(), torch.ones(5), 100, 1e-12), {}
     yield "cagrad_inner", (M, 0.4, 1000, 1e-12), {}
+    a, d = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 6, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 1, 1]], dtype=torch.bool)
+    ids = torch.randint(0, 7, (3, 5), generator=g)
+    yield "linear_sample_dots", (a, d, torch.randn(6, 4, generator=g), mask), {}
+    yield "linear_sample_dots", (a.double(), d.double(), torch.randn(6, 4).double(), None), {}
+    yield "linear_sample_sq_norms", (a, d, mask, "gram"), {}
+    yield "linear_sample_sq_norms", (a.bfloat16(), d.bfloat16(), None, "materialize"), {}
+    yield "embedding_sample_dots", (ids, d, torch.randn(7, 6, generator=g), mask.int()), {}
+    yield "embedding_sample_sq_norms", (ids.int(), d.double(), mask), {}
 
 
 @pytest.mark.parametrize(

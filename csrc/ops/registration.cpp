@@ -27,6 +27,12 @@ TORCH_LIBRARY(pyxtask, m) {
       "nash_bargaining(Tensor M, Tensor? init=None, int max_iter=100, float tol=1e-12) "
       "-> (Tensor, Tensor)");
   m.def("cagrad_inner(Tensor M, float c, int max_iter=1000, float tol=1e-12) -> (Tensor, Tensor)");
+  m.def("linear_sample_dots(Tensor a, Tensor d, Tensor v, Tensor? mask=None) -> Tensor");
+  m.def(
+      "linear_sample_sq_norms(Tensor a, Tensor d, Tensor? mask=None, str method=\"auto\") "
+      "-> Tensor");
+  m.def("embedding_sample_dots(Tensor ids, Tensor d, Tensor v, Tensor? mask=None) -> Tensor");
+  m.def("embedding_sample_sq_norms(Tensor ids, Tensor d, Tensor? mask=None) -> Tensor");
 }
 
 namespace pyxtask {
@@ -104,6 +110,38 @@ std::tuple<at::Tensor, at::Tensor> cagrad_inner(const at::Tensor& M, double c, i
       find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, int64_t, double)>(
           "pyxtask::cagrad_inner");
   return op.call(M, c, max_iter, tol);
+}
+
+at::Tensor linear_sample_dots(const at::Tensor& a, const at::Tensor& d, const at::Tensor& v,
+                              const std::optional<at::Tensor>& mask) {
+  static auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const std::optional<at::Tensor>&)>("pyxtask::linear_sample_dots");
+  return op.call(a, d, v, mask);
+}
+
+at::Tensor linear_sample_sq_norms(const at::Tensor& a, const at::Tensor& d,
+                                  const std::optional<at::Tensor>& mask, c10::string_view method) {
+  static auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                         c10::string_view)>("pyxtask::linear_sample_sq_norms");
+  return op.call(a, d, mask, method);
+}
+
+at::Tensor embedding_sample_dots(const at::Tensor& ids, const at::Tensor& d, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& mask) {
+  static auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const std::optional<at::Tensor>&)>("pyxtask::embedding_sample_dots");
+  return op.call(ids, d, v, mask);
+}
+
+at::Tensor embedding_sample_sq_norms(const at::Tensor& ids, const at::Tensor& d,
+                                     const std::optional<at::Tensor>& mask) {
+  static auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>(
+          "pyxtask::embedding_sample_sq_norms");
+  return op.call(ids, d, mask);
 }
 
 }  // namespace pyxtask

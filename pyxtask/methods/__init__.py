@@ -7,6 +7,9 @@
                           per epoch (or every ``tawt.update_every`` steps)
 ``tawt-step``             TAWT per step: every task's batch per step, ω from the step's own
                           streaming statistics every ``tawt.update_every`` steps
+``tawt-samples``          TAWT on source examples: one weight per example, mirror descent on
+                          per-example gradient products every ``tawt_samples.update_every``
+                          epochs (App. B)
 ``equal``                 every task's batch per step, each loss counting once
 ``mgda`` / ``mgda-ub``    min-norm weights from the encoder's Gram / the representation's
 ``metaweighting``         weights from held-out query losses (Mao et al., Alg. 1)
@@ -23,6 +26,11 @@
                           adaptive (Liu et al. 2023), random (Lin et al. 2022)
 ``metaxt`` / ``xt``       a label transfer network turns source labels into soft target labels,
                           learnt by a meta-step (Sharma et al.), or jointly (XT)
+``alignment``             covariance alignment: a per-task matrix on the summed embeddings, first
+                          trained with the heads on a fixed encoder (Wu, Zhang & Ré, Alg. 1),
+                          folded into the embedding tables of the saved model
+``svd``                   fixed weights from an SVD of the tasks' ``Xᵀ y_i`` on the pretrained
+                          encoder's features of shared examples (Wu, Zhang & Ré, Alg. 2)
 ========================  =====================================================================
 
 ``mgda``, ``upgrad``, ``pcgrad`` … are each a :class:`GramMethod` around a weighting of the
@@ -46,6 +54,7 @@ from pyxtask.methods._base import (
     backward_all,
     shares,
 )
+from pyxtask.methods.alignment import AlignmentMethod
 from pyxtask.methods.fixed import EqualMethod, StreamMethod
 from pyxtask.methods.gradnorm import GradNormMethod
 from pyxtask.methods.gram import GramMethod
@@ -53,6 +62,8 @@ from pyxtask.methods.loss_weighted import LossWeightedMethod
 from pyxtask.methods.metaweighting import MetaWeightingMethod
 from pyxtask.methods.metaxt import MetaXTMethod
 from pyxtask.methods.mgda import MGDAMethod, MGDAUBMethod
+from pyxtask.methods.sample_tawt import SampleTAWTMethod
+from pyxtask.methods.svd_weighting import SVDWeightMethod
 from pyxtask.methods.tawt import TAWTMethod, TAWTStepMethod
 from pyxtask.methods.uncertainty import UncertaintyMethod
 from pyxtask.weighting import (
@@ -77,6 +88,7 @@ if TYPE_CHECKING:
     from pyxtask.config import TrainConfig
 
 __all__ = [
+    "AlignmentMethod",
     "EqualMethod",
     "GradNormMethod",
     "GramMethod",
@@ -87,6 +99,8 @@ __all__ = [
     "MetaXTMethod",
     "Method",
     "MethodFactory",
+    "SVDWeightMethod",
+    "SampleTAWTMethod",
     "Sampling",
     "Step",
     "StepContext",
@@ -130,6 +144,21 @@ def _tawt(config: TrainConfig, c: float, sizes: Sequence[int], lr: float) -> TAW
     )
 
 
+def _sample_tawt(config: TrainConfig) -> SampleTAWTMethod:
+    t = config.tawt_samples
+    return SampleTAWTMethod(
+        config.paradigm,
+        similarity=cast(Any, t.similarity),
+        c=t.c,
+        lr=t.lr,
+        update_every=t.update_every,
+        weights_as=config.weights_as,
+        target_probe=t.target_probe,
+        layers=t.layers,
+        batch_size=t.batch_size,
+    )
+
+
 def _metaxt(config: TrainConfig, meta_gradient: str) -> MetaXTMethod:
     m = config.metaxt
     return MetaXTMethod(
@@ -159,6 +188,7 @@ _REGISTRY: dict[str, MethodFactory] = {
         lr=config.tawt.lr,
         update_every=config.tawt.update_every or 1,
     ),
+    "tawt-samples": lambda config, c: _sample_tawt(config),
     "equal": lambda config, c: EqualMethod(),
     "mgda": lambda config, c: MGDAMethod(config.mgda.normalization),
     "mgda-ub": lambda config, c: MGDAUBMethod(config.mgda.normalization),
@@ -201,6 +231,16 @@ _REGISTRY: dict[str, MethodFactory] = {
     ),
     "metaxt": lambda config, c: _metaxt(config, config.metaxt.meta_gradient),
     "xt": lambda config, c: _metaxt(config, "none"),
+    "alignment": lambda config, c: AlignmentMethod(
+        fixed_weighting(config),
+        config.weights_as,
+        align_epochs=config.alignment.epochs,
+        lr=config.lr if config.alignment.lr is None else config.alignment.lr,
+        tasks="target" if config.paradigm == "single" else config.alignment.tasks,
+    ),
+    "svd": lambda config, c: SVDWeightMethod(
+        config.svd.rank, config.svd.examples, center=config.svd.center
+    ),
 }
 
 
@@ -220,5 +260,8 @@ def method_names() -> list[str]:
 
 def make_method(config: TrainConfig, c: float = 1.0) -> Method:
     """The method ``config.method`` names (``fixed`` for the single-task paradigm)."""
-    name = "fixed" if config.paradigm == "single" else config.method
+    from pyxtask.config import SINGLE_METHODS  # noqa: PLC0415
+
+    single = config.paradigm == "single" and config.method not in SINGLE_METHODS
+    name = "fixed" if single else config.method
     return _REGISTRY[name](config, c)

@@ -494,6 +494,63 @@ void test_min_norm_point() {
 // ---------------------------------------------------------------------------------------
 // Input validation of the Gram family
 
+// ---------------------------------------------------------------------------------------
+// Per-sample gradient products, against per-sample gradients materialised in double
+
+void test_sample_products() {
+  const int64_t B = 4, L = 6, I = 5, O = 7, rows = 4;
+  // Sample 0 right-padded, 1 full, 2 with holes, 3 empty: every path of the row packing.
+  const at::Tensor mask =
+      at::tensor({1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 1, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0}, at::kInt)
+          .view({B, L});
+  const at::Tensor m = dbl(mask);
+  const at::Tensor ids = at::randint(0, rows, {B, L}, at::kLong);
+  for (auto dt : {at::kFloat, at::kDouble}) {
+    const std::string ctx = dtype_name(dt);
+    const at::Tensor a = at::randn({B, L, I}, at::kDouble).to(dt);
+    const at::Tensor d = at::randn({B, L, O}, at::kDouble).to(dt);
+    const at::Tensor v = at::randn({O, I}, at::kDouble).to(dt);
+    // G_b = sum_k m_bk d_bk a_bk^T.
+    const at::Tensor G = at::einsum("blo,bli,bl->boi", {dbl(d), dbl(a), m});
+    const at::Tensor dots = pyxtask::linear_sample_dots(a, d, v, mask);
+    CHECK_MSG(dots.scalar_type() == result_type(dt) && dots.sizes() == at::IntArrayRef({B}),
+              ctx << " dots dtype/shape " << dots.scalar_type() << " " << dots.sizes());
+    const at::Tensor ref_dots = (G * dbl(v)).sum({1, 2});
+    const at::Tensor dot_scale = (G.abs() * dbl(v).abs()).sum({1, 2}) + 1.0;
+    CHECK_MSG(max_scaled_err(dots, ref_dots, dot_scale) <= tol_for(dt), ctx << " dots " << dots);
+    const at::Tensor ref_sq = G.square().sum({1, 2});
+    for (const char* method : {"gram", "materialize", "auto"}) {
+      const at::Tensor sq = pyxtask::linear_sample_sq_norms(a, d, mask, method);
+      CHECK_MSG(max_scaled_err(sq, ref_sq, ref_sq + 1.0) <= tol_for(dt), ctx << " " << method);
+    }
+    CHECK_MSG(dbl(pyxtask::linear_sample_sq_norms(a, d, mask, "auto"))[3].item<double>() == 0.0,
+              ctx << " a sample with no real position has a nonzero norm");
+    // Embedding: G_b[r] = sum_{k: ids_bk = r} m_bk d_bk.
+    const at::Tensor table = at::randn({rows, O}, at::kDouble).to(dt);
+    const at::Tensor onehot = at::one_hot(ids, rows).to(at::kDouble);  // [B, L, rows]
+    const at::Tensor E = at::einsum("blr,blh,bl->brh", {onehot, dbl(d), m});
+    const at::Tensor edots = pyxtask::embedding_sample_dots(ids, d, table, mask);
+    const at::Tensor esq = pyxtask::embedding_sample_sq_norms(ids, d, mask);
+    const at::Tensor ref_edots = (E * dbl(table)).sum({1, 2});
+    const at::Tensor ref_esq = E.square().sum({1, 2});
+    CHECK_MSG(max_scaled_err(edots, ref_edots, (E.abs() * dbl(table).abs()).sum({1, 2}) + 1.0) <=
+                  tol_for(dt),
+              ctx << " embedding dots " << edots);
+    CHECK_MSG(max_scaled_err(esq, ref_esq, ref_esq + 1.0) <= tol_for(dt),
+              ctx << " embedding sq norms " << esq);
+  }
+  CHECK_THROWS_WITH(pyxtask::linear_sample_dots(at::randn({2, 3}), at::randn({2, 3, 4}),
+                                                at::randn({4, 3}), std::nullopt),
+                    "pyxtask.linear_sample_dots");
+  CHECK_THROWS_WITH(pyxtask::linear_sample_sq_norms(at::randn({2, 3, 4}), at::randn({2, 3, 4}),
+                                                    std::nullopt, "fastest"),
+                    "pyxtask.linear_sample_sq_norms");
+  CHECK_THROWS_WITH(
+      pyxtask::embedding_sample_dots(at::full({1, 2}, 5, at::kLong), at::randn({1, 2, 3}),
+                                     at::randn({4, 3}), std::nullopt),
+      "is not a row of v");
+}
+
 void test_bad_inputs() {
   CHECK_THROWS_WITH(pyxtask::gram(at::randn({65, 10})), "pyxtask.gram");
   CHECK_THROWS_WITH(pyxtask::gram(at::ones({3, 10}, at::kInt)), "pyxtask.gram");
@@ -536,6 +593,7 @@ int main() {
   run("add_scaled_", test_add_scaled);
   run("mirror_descent_step", test_mirror_descent);
   run("min_norm_point", test_min_norm_point);
+  run("sample_products", test_sample_products);
   run("bad_inputs", test_bad_inputs);
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;

@@ -61,4 +61,26 @@ std::tuple<at::Tensor, at::Tensor> nash_bargaining(const at::Tensor& M,
 std::tuple<at::Tensor, at::Tensor> cagrad_inner(const at::Tensor& M, double c, int64_t max_iter,
                                                 double tol);
 
+// Per-sample gradient products of one layer, for a batch whose loss is a sum of per-sample
+// losses, without per-sample gradients. a [B, L, I]: the layer's inputs; d [B, L, O]: the
+// gradients of its outputs; mask [B, L] (nonzero = a real position; none: all real). The
+// gradient of sample b's loss w.r.t. a linear layer's weight is G_b = sum_k d_bk a_bk^T.
+// Results are [B], float32 (float64 for float64 inputs).
+//
+// <G_b, v> for v [O, I].
+at::Tensor linear_sample_dots(const at::Tensor& a, const at::Tensor& d, const at::Tensor& v,
+                              const std::optional<at::Tensor>& mask);
+// ||G_b||^2, by "gram" (sum_{k,l} (d_k . d_l)(a_k . a_l)), "materialize" (G_b formed per
+// sample) or "auto" (the one with fewer multiply-adds at the sample's length).
+at::Tensor linear_sample_sq_norms(const at::Tensor& a, const at::Tensor& d,
+                                  const std::optional<at::Tensor>& mask, c10::string_view method);
+// For an embedding with indices ids [B, L] and output gradients d [B, L, H]: sample b's
+// gradient row r is the sum of d_bk over its real positions with ids_bk = r.
+// <G_b, v> for v [num_embeddings, H].
+at::Tensor embedding_sample_dots(const at::Tensor& ids, const at::Tensor& d, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& mask);
+// ||G_b||^2.
+at::Tensor embedding_sample_sq_norms(const at::Tensor& ids, const at::Tensor& d,
+                                     const std::optional<at::Tensor>& mask);
+
 }  // namespace pyxtask
