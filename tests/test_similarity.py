@@ -371,7 +371,7 @@ def test_the_command_ranks_sources_and_writes_table_json_and_heatmap(tmp_path, c
     for name in ("covariance", "covariance-normalized", "gradient-cosine", "leep", "logme"):
         matrix = result["matrices"][name]
         assert len(matrix) == 3 and all(len(row) == 3 for row in matrix)
-        assert sorted(result["ranks"][s][name] for s in ("other", "rev")) == [1, 2]
+        assert sorted(result["ranks"][s][name] for s in ("other", "rev")) in ([1, 2], [1, 1])
         assert all(math.isfinite(v) for row in matrix for v in row)
     assert 0 <= result["scores"]["rev"]["covariance"] <= 1
     assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -66,14 +66,16 @@ class SimilarityResult:
         }
 
     def ranks(self) -> dict[str, dict[str, int]]:
-        """Each source's rank under each score (1: most similar to the target)."""
+        """Each source's rank under each score: 1 + the number of sources that score higher
+        (tied sources share a rank: tasks on the same sentences tie on covariance)."""
         per_source = self.source_scores()
-        out: dict[str, dict[str, int]] = {s: {} for s in per_source}
-        for name in SCORES:
-            ordered = sorted(per_source, key=lambda s: -per_source[s][name])
-            for rank, source in enumerate(ordered, 1):
-                out[source][name] = rank
-        return out
+        return {
+            source: {
+                name: 1 + sum(other[name] > mine[name] for other in per_source.values())
+                for name in SCORES
+            }
+            for source, mine in per_source.items()
+        }
 
     def table(self) -> str:
         """The sources ranked by their mean rank over the scores; each cell ``value (rank)``."""
