@@ -186,6 +186,17 @@ class StepContext:
             return self.distributed.sum_values(read.tolist(), "losses")
         return cast(list[float], read.tolist())
 
+    def mean_losses(self, tasks: Sequence[int], losses: Sequence[Tensor]) -> dict[int, float]:
+        """Each task's mean loss over a step's micro-batches (``tasks[i]`` owns ``losses[i]``),
+        read once after the backward passes and checked for non-finite values."""
+        sums: dict[int, list[float]] = {}
+        for t, value in zip(tasks, self.loss_values(losses), strict=True):
+            self.check_loss(self.tasks[t].name, value, self.global_step + 1)
+            acc = sums.setdefault(t, [0.0, 0.0])
+            acc[0] += value
+            acc[1] += 1
+        return {t: total / count for t, (total, count) in sums.items()}
+
     def mark_reduced(self, parameters: Sequence[Tensor]) -> None:
         """These parameters' ``.grad`` already hold the all-process value (computed from
         global statistics): the trainer's gradient all-reduce skips them this step."""

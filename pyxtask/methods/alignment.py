@@ -171,13 +171,7 @@ class AlignmentMethod(StreamMethod):
             torch.autograd.backward(loss * (factor / m), inputs=moved)
             tasks.append(t)
             losses.append(loss)
-        sums: dict[int, list[float]] = {}
-        for t, value in zip(tasks, ctx.loss_values(losses), strict=True):
-            ctx.check_loss(ctx.tasks[t].name, value, ctx.global_step + 1)
-            acc = sums.setdefault(t, [0.0, 0.0])
-            acc[0] += value
-            acc[1] += 1
-        return {t: total / count for t, (total, count) in sums.items()}
+        return ctx.mean_losses(tasks, losses)
 
     def epoch_end(self, ctx: StepContext, epoch: int) -> None:
         ctx.log({"kind": "alignment", "epoch": epoch, "step": ctx.global_step,

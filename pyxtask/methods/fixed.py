@@ -80,14 +80,7 @@ class StreamMethod(Method):
             torch.autograd.backward(loss * factor if m == 1 else loss * (factor / m))
             tasks.append(t)
             losses.append(loss)
-        sums: dict[int, list[float]] = {}
-        # Read once after the backward passes (summed over the processes under torchrun).
-        for t, value in zip(tasks, ctx.loss_values(losses), strict=True):
-            ctx.check_loss(ctx.tasks[t].name, value, ctx.global_step + 1)
-            acc = sums.setdefault(t, [0.0, 0.0])
-            acc[0] += value
-            acc[1] += 1
-        return {t: total / count for t, (total, count) in sums.items()}
+        return ctx.mean_losses(tasks, losses)
 
     def task_probabilities(self) -> list[float] | None:
         if self.weights_as != "sampling":
