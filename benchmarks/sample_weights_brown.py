@@ -6,7 +6,8 @@ unchanged and only the alignment to the words is lost); the target a small WSJ s
 (``wsj-pos.pos``, Penn tags). Runs, with the same encoder (MiniLM), data, batch size, learning
 rate and seed:
 
-- ``tawt-samples``: one weight per source sentence, updated every epoch (cosine form);
+- ``tawt-samples``: one weight per source sentence, updated every epoch from the second on
+  (cosine form, c = 10; until its first update it trains exactly as ``normalized-joint``);
 - ``tawt``: task-weighted TAWT (one weight for the whole source), the paper's protocol;
 - ``normalized-joint``: the same stream, fixed weights (no weighting at all);
 - ``single-steps``: the target alone for as many optimizer steps as the ``tawt-samples`` run.
@@ -53,10 +54,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--dev-size", type=int, default=200)
     p.add_argument("--test-size", type=int, default=400)
     p.add_argument("--corrupt", type=float, default=0.3, help="fraction of source sentences")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--c", type=float, default=None, help="tawt-samples c (default: cosine 1)")
+    p.add_argument("--c", type=float, default=10.0, help="tawt-samples c (cosine form)")
+    p.add_argument("--first-update", type=int, default=2, help="epochs before the first update")
+    p.add_argument("--update-every", type=int, default=1, help="epochs between updates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", default=",".join(RUNS), help="which of " + ",".join(RUNS))
     p.add_argument("--out", default="benchmarks/results/sample-weights-brown")
@@ -84,7 +87,9 @@ def base_config(args: argparse.Namespace) -> Any:
         seed=args.seed,
         device="cpu",
         checkpoint_every=10**6,
-        tawt_samples=SampleTAWTConfig(c=args.c),
+        tawt_samples=SampleTAWTConfig(
+            c=args.c, first_update=args.first_update, update_every=args.update_every
+        ),
     )
 
 

@@ -80,6 +80,9 @@ class SampleTAWTConfig:
     lr: float = 1.0
     #: Epochs between weight updates (the paper: 5, 40 updates in 200 epochs).
     update_every: int = 1
+    #: Epochs trained before the first update (``None``: ``update_every``): the target's
+    #: gradient of a barely trained model says little about which examples help it.
+    first_update: int | None = None
     #: Target examples the target's gradient is taken on (``None``: all of them).
     target_probe: int | None = None
     #: Parameters the per-example products cover: ``"all"`` or ``"linear"`` layers.
@@ -451,6 +454,7 @@ class TrainConfig:
             ("total_steps", self.total_steps, 1),
             ("tawt.update_every", self.tawt.update_every, 1),
             ("tawt_samples.update_every", self.tawt_samples.update_every, 1),
+            ("tawt_samples.first_update", self.tawt_samples.first_update, 1),
             ("tawt_samples.target_probe", self.tawt_samples.target_probe, 1),
             ("tawt_samples.batch_size", self.tawt_samples.batch_size, 1),
             ("metaxt.label_dim", self.metaxt.label_dim, 1),

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 from pyxtask import cli
 from pyxtask.config import SampleTAWTConfig, TrainConfig
 from pyxtask.data import LabelMap, TaggedSentence
-from pyxtask.methods.sample_tawt import SampleWeights, sample_similarities
+from pyxtask.methods.sample_tawt import SampleTAWTMethod, SampleWeights, sample_similarities
 from pyxtask.tasks import TaskData
 from pyxtask.trainer import Trainer
 
@@ -163,6 +164,44 @@ def test_sample_weights_start_and_similarities():
     assert s.tolist() == pytest.approx([0.5, -1.0, 0.0])
     with pytest.raises(ValueError, match="similarities for 8"):
         w.update(torch.zeros(3), 1.0, 1.0)
+
+
+@pytest.mark.parametrize("paradigm", ["normalized-joint", "joint"])
+def test_before_its_first_update_the_method_trains_as_fixed_does(tmp_path, paradigm):
+    """At uniform weights: the same batches, the same token-mean losses, the same loss scale."""
+    tasks, _ = corrupted_tasks(5, n_target=12, n_source=36)
+    runs = {}
+    for method in ("fixed", "tawt-samples"):
+        cfg = config(
+            method=method,
+            paradigm=paradigm,
+            epochs=1,
+            tawt_samples=SampleTAWTConfig(update_every=2),  # no update in this one epoch
+        )
+        runs[method] = trainer(cfg, tmp_path / method, tasks)
+        runs[method].fit()
+    factors, _ = runs["tawt-samples"].method.weights()
+    fixed = runs["fixed"].method.weighting.loss_factors()
+    torch.testing.assert_close(factors, fixed, rtol=1e-12, atol=0)
+    a = dict(runs["fixed"].ctx.model.named_parameters())
+    b = dict(runs["tawt-samples"].ctx.model.named_parameters())
+    # fp32 losses summed in another order (per word vs per sentence), then 6 Adam steps.
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert not all(torch.equal(b[n], v) for n, v in a.items())  # same scale, not the same code
+
+
+SCHEDULES = [(None, 1, [1, 2, 3, 4, 5, 6]), (None, 5, [5]), (2, 3, [2, 5])]
+
+
+@pytest.mark.parametrize(("first", "every", "expected"), SCHEDULES)
+def test_updates_after_first_update_epochs_then_every_update_every(first, every, expected):
+    method = SampleTAWTMethod(update_every=every, first_update=first)
+    done = []
+    method.update = lambda ctx: done.append(ctx.epoch + 1)
+    for epoch in range(6):
+        method.epoch_end(SimpleNamespace(epoch=epoch), epoch)
+    assert done == expected
 
 
 # --------------------------------------------------------------------------------------------

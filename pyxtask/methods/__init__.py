@@ -152,6 +152,7 @@ def _sample_tawt(config: TrainConfig) -> SampleTAWTMethod:
         c=t.c,
         lr=t.lr,
         update_every=t.update_every,
+        first_update=t.first_update,
         weights_as=config.weights_as,
         target_probe=t.target_probe,
         layers=t.layers,

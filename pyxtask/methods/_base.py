@@ -170,6 +170,12 @@ class StepContext:
         total = _loss_units(source, indices)
         return _loss_units(source, local) / total if total else 0.0
 
+    def item_units(self, t: int, indices: Sequence[int]) -> Tensor:
+        """What each item's mean loss divides by (labelled words, or 1 for a labelled text):
+        ``(units * per_item_loss).sum() / units.sum()`` is the batch's mean loss."""
+        source = self.encoded[t]
+        return torch.tensor([_loss_units(source, [i]) for i in indices], dtype=torch.float32)
+
     def zero_loss(self, t: int) -> Tensor:
         """A zero loss on task ``t``'s head (its gradient zero, not None): the loss of a
         process whose slice of a batch is empty, so it joins the step's backward passes."""

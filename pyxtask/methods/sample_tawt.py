@@ -3,7 +3,8 @@ weighted-sample training", Fig. 2; Sec. 5 leaves its efficient implementation op
 
 The source objective is ``sum_i p_i l_i`` with ``p`` on the simplex over every source example
 of the run (N of them, one float64 N-vector, no per-example Python objects). Every
-``update_every`` epochs ``p`` takes one mirror-descent step (eq. 2.8 on samples),
+``update_every`` epochs (the first after ``first_update``) ``p`` takes one mirror-descent
+step (eq. 2.8 on samples),
 
     p_i <- p_i * exp(-eta * g_i) / sum_j p_j * exp(-eta * g_j),     g_i = -c * s_i,
 
@@ -24,7 +25,13 @@ products and norms from the covered layers' inputs and output gradients, no per-
 gradient, no weight gradient, ``.grad`` untouched; no optimizer step). ``layers = "all"``
 covers every Linear, Embedding and LayerNorm of the encoder (all of a BERT's parameters);
 ``"linear"`` the Linear layers only (the ``coverage`` of each update's record says how much).
-A token task's per-example loss is the sentence's mean over its labelled words.
+A token task's per-example loss ``l_i`` is the sentence's mean over its labelled words.
+
+In the training step an example counts by its labelled words, as in the token-mean batch loss
+of every other method: a batch's source loss is ``sum_i f_i n_i l_i / sum_i n_i`` with
+``n_i`` labelled words and ``f_i`` the example's factor. The factors are scaled so that at
+uniform ``p`` they equal the fixed method's ``K * w_t`` for the paradigm: until its first
+update the method trains exactly as ``--method fixed`` does (same batches, same loss scale).
 
 The weights act as per-example loss factors (``weights_as = "loss"``, default) or as the
 probabilities with which a source batch's examples are drawn (``"sampling"``: the step draws
@@ -52,6 +59,7 @@ from torch import Tensor, nn
 from pyxtask import ops
 from pyxtask.data import LabeledText, collate
 from pyxtask.methods._base import Method, Sampling, Step, StepContext
+from pyxtask.weighting import SampleSize, Uniform
 
 __all__ = [
     "HIST_EDGES",
@@ -227,6 +235,7 @@ class SampleTAWTMethod(Method):
         c: ``g_i = -c * s_i`` (None: 1 for cosine, 5 for dot).
         lr: the mirror-descent step η (default 1.0).
         update_every: epochs between updates (the paper: 5 of 200).
+        first_update: epochs before the first update (None: ``update_every``).
         weights_as: ``"loss"`` (per-example factors) or ``"sampling"`` (drawn by weight).
         target_probe: target examples the target's gradient is taken on (None: all).
         layers: what the products cover: ``"all"`` (Linear, Embedding, LayerNorm) or
@@ -248,6 +257,7 @@ class SampleTAWTMethod(Method):
         c: float | None = None,
         lr: float = 1.0,
         update_every: int = 1,
+        first_update: int | None = None,
         weights_as: str = "loss",
         target_probe: int | None = None,
         layers: str = "all",
@@ -263,11 +273,14 @@ class SampleTAWTMethod(Method):
             raise ValueError(f"weights_as must be 'loss' or 'sampling', got {weights_as!r}")
         if update_every < 1:
             raise ValueError(f"update_every must be >= 1 epoch, got {update_every}")
+        if first_update is not None and first_update < 1:
+            raise ValueError(f"first_update must be >= 1 epoch, got {first_update}")
         self.paradigm = paradigm
         self.similarity: SampleSimilarity = similarity
         self.c = float(c) if c is not None else (1.0 if similarity == "cosine" else 5.0)
         self.lr_md = float(lr)
         self.update_every = int(update_every)
+        self.first_update = self.update_every if first_update is None else int(first_update)
         self.weights_as = weights_as
         self.target_probe = target_probe
         self.layers = layers
@@ -300,13 +313,23 @@ class SampleTAWTMethod(Method):
         else:
             self.omega0 = 0.0
         self.sample_weights.snapshot(epoch=0, step=0)
+        # The fixed method's loss factor of a source over this method's at uniform weights: a
+        # constant (1 for joint and pretrain) that makes both start with the same loss scale.
+        fixed = (
+            Uniform(sizes)
+            if self.paradigm == "normalized-joint"
+            else SampleSize(sizes, cast(Any, self.paradigm))
+        )
+        omega = float(fixed.omega[1])
+        self.scale = float(fixed.loss_factors()[1]) * sizes[1] / (omega * self.n_all)
 
     # -- the step ------------------------------------------------------------------------------
 
     def _factors(self, s: int, items: Tensor) -> Tensor:
-        """Loss factors of source ``s``'s examples ``items`` (1 at uniform joint weights)."""
+        """Loss factors of source ``s``'s examples ``items`` (the fixed method's at uniform
+        weights)."""
         w = self.sample_weights
-        return w.p[w.offsets[s] + items] * ((1 - self.omega0) * self.n_all)
+        return w.p[w.offsets[s] + items] * ((1 - self.omega0) * self.n_all * self.scale)
 
     def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
         m = len(micro_batches)
@@ -315,32 +338,40 @@ class SampleTAWTMethod(Method):
             ((t, indices),) = step
             if t == 0:
                 loss = ctx.batch_loss(0, indices)
-                f0 = self.omega0 * self.n_all / self.n_target
+                f0 = self.omega0 * self.n_all / self.n_target * self.scale
                 self._backward(ctx, [(0, loss.detach(), loss * f0)], m, sums)
                 continue
             if self.weights_as == "loss":
                 per = ctx.batch_loss(t, indices, per_sample=True)
-                items = torch.as_tensor(indices, dtype=torch.long)
-                f = self._factors(t - 1, items).to(per)
-                self._backward(ctx, [(t, per.detach().mean(), (f * per).mean())], m, sums)
+                units = ctx.item_units(t, indices).to(per)
+                f = self._factors(t - 1, torch.as_tensor(indices, dtype=torch.long)).to(per)
+                mean = (units * per).sum() / units.sum()
+                loss = (f * units * per).sum() / units.sum()
+                self._backward(ctx, [(t, mean.detach(), loss)], m, sums)
             else:
                 self._backward(ctx, self._drawn(ctx, len(indices), j), m, sums)
         return {t: total / count for t, (total, count) in sums.items()}
 
     def _drawn(self, ctx: StepContext, count: int, j: int) -> list[tuple[int, Tensor, Tensor]]:
         """``count`` source examples drawn by weight (seeded by the step), grouped by task;
-        each term divides by ``count`` so their sum is the batch's mean."""
+        each term divides by the drawn examples' labelled words, so their sum is the batch's
+        mean loss."""
         w = self.sample_weights
         g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.global_step * 31 + j)
         drawn = w.draw(count, g)
-        factor = (1 - self.omega0) * self.n_all / w.n
-        out = []
+        factor = (1 - self.omega0) * self.n_all / w.n * self.scale
+        groups = []
         for s in range(len(w.sizes)):
             sl = w.task_slice(s)
-            mine = drawn[(drawn >= sl.start) & (drawn < sl.stop)] - sl.start
-            if mine.numel():
-                per = ctx.batch_loss(s + 1, mine.tolist(), per_sample=True)
-                out.append((s + 1, per.detach().mean(), per.sum() * (factor / count)))
+            mine = (drawn[(drawn >= sl.start) & (drawn < sl.stop)] - sl.start).tolist()
+            if mine:
+                groups.append((s + 1, mine, ctx.item_units(s + 1, mine)))
+        total = float(sum(float(units.sum()) for _, _, units in groups))
+        out = []
+        for t, mine, units in groups:
+            per = ctx.batch_loss(t, mine, per_sample=True)
+            words = (units.to(per) * per).sum()
+            out.append((t, (words / units.sum()).detach(), words * (factor / total)))
         return out
 
     @staticmethod
@@ -362,7 +393,8 @@ class SampleTAWTMethod(Method):
     # -- the update ----------------------------------------------------------------------------
 
     def epoch_end(self, ctx: StepContext, epoch: int) -> None:
-        if (epoch + 1) % self.update_every == 0:
+        since = epoch + 1 - self.first_update
+        if since >= 0 and since % self.update_every == 0:
             self.update(ctx)
 
     def update(self, ctx: StepContext) -> None:
@@ -528,6 +560,7 @@ class SampleTAWTMethod(Method):
         shares = [x * (1 - self.omega0) for x in w.shares()]
         factors = [self.omega0 * self.n_all / self.n_target if self.n_target else 0.0]
         factors += [share * self.n_all / n for share, n in zip(shares, w.sizes, strict=True)]
+        factors = [x * self.scale for x in factors]
         return (
             torch.tensor(factors, dtype=torch.float64),
             torch.tensor([self.omega0, *shares], dtype=torch.float64),
