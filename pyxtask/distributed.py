@@ -152,6 +152,19 @@ class Distributed:
         self._run(f"all_reduce of {kind}", dist.all_reduce, tensor)
         return tensor
 
+    def sum_tensors(self, tensors: Sequence[Tensor], kind: str = "statistics") -> list[Tensor]:
+        """``tensors`` (one dtype) summed over the processes by one all-reduce, as new
+        tensors (the inputs are untouched). With one process: the inputs."""
+        if not self.enabled:
+            return list(tensors)
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        self.all_reduce_(flat, kind)
+        out, offset = [], 0
+        for t in tensors:
+            out.append(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return out
+
     def sum_values(self, values: Sequence[float], kind: str = "losses") -> list[float]:
         """Python floats summed over the processes (float64)."""
         if not self.enabled:

@@ -20,7 +20,9 @@ cosines are the one-process ones and ω is the same on every process; ``"cheap"`
 one process and sums the target's gradient once (P numbers) and the dot products as T scalars
 (exact), the norms being ``R`` times the sum of the processes' (an estimate; probes with
 ``tawt.gradients = "buffer"`` take ``R`` times the sum of the Grams instead). The eq. 2.7
-similarity (``"exact"``, conjugate gradients) runs on one process only.
+similarity (``"exact"``, conjugate gradients) sums the target's gradient and every
+Hessian-vector product over the processes (P floats each, at most ``tawt.cg_max_iter + 1``
+per update), so the solve is the one-process solve on every process.
 """
 
 from __future__ import annotations
@@ -58,16 +60,6 @@ class TAWTMethod(StreamMethod):
     @property
     def tawt(self) -> TAWT:
         return cast(TAWT, self.weighting)
-
-    def bind(self, ctx: StepContext) -> None:
-        super().bind(ctx)
-        if ctx.distributed.enabled and self.tawt.similarity == "exact":
-            from pyxtask.config import ConfigError  # noqa: PLC0415
-
-            raise ConfigError(
-                "tawt.similarity = 'exact' (eq. 2.7's conjugate gradients) runs on one process; "
-                "under torchrun use 'cosine' or 'dot'"
-            )
 
     def after_update(self, ctx: StepContext) -> None:
         every = self.tawt.update_every
@@ -132,6 +124,8 @@ class TAWTMethod(StreamMethod):
             b = [
                 torch.zeros_like(p) if g is None else g for p, g in zip(shared, grads, strict=True)
             ]
+            reducer = ctx.distributed
+            b = reducer.sum_tensors(b)
             reference, cg = exact_reference(
                 hessian_loss,
                 shared,
@@ -139,6 +133,7 @@ class TAWTMethod(StreamMethod):
                 damping=tawt.damping,
                 max_iter=tawt.cg_max_iter,
                 tol=tawt.cg_tol,
+                reduce=reducer.sum_tensors if reducer.enabled else None,
             )
         ctx.log(
             {

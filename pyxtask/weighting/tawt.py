@@ -166,6 +166,7 @@ def exact_reference(
     damping: float = 1e-2,
     max_iter: int = 20,
     tol: float = 1e-3,
+    reduce: Callable[[Sequence[Tensor]], list[Tensor]] | None = None,
 ) -> tuple[Tensor, CGResult]:
     """``x`` of eq. 2.7: solves ``(H + damping I) x = grad L_0`` by conjugate gradients.
 
@@ -174,10 +175,17 @@ def exact_reference(
     :class:`~pyxtask.gradients.TaskGradients` flattens (parameter order, each row-major) and
     the solver's report; then ``s_t = x . grad L_t`` for every task comes from one
     ``backward`` with ``reference=x``.
+
+    ``reduce`` sums a list of tensors over processes (torchrun): each process's
+    ``hessian_loss`` and ``target_grad`` are its share of the global ones, so every HVP is
+    summed, ``target_grad`` must already be, and conjugate gradients then run identically on
+    every process (P floats exchanged per iteration).
     """
     params = list(params)
+    local_hvp = hvp_function(hessian_loss, params)
+    hvp = local_hvp if reduce is None else lambda v: reduce(local_hvp(v))
     result = conjugate_gradient(
-        hvp_function(hessian_loss, params),
+        hvp,
         [g.detach() for g in target_grad],
         damping=damping,
         max_iter=max_iter,
