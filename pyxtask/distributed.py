@@ -159,11 +159,7 @@ class Distributed:
             return list(tensors)
         flat = torch.cat([t.detach().reshape(-1) for t in tensors])
         self.all_reduce_(flat, kind)
-        out, offset = [], 0
-        for t in tensors:
-            out.append(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        return out
+        return unflatten(flat, tensors)
 
     def sum_values(self, values: Sequence[float], kind: str = "losses") -> list[float]:
         """Python floats summed over the processes (float64)."""
@@ -267,6 +263,15 @@ class Distributed:
 
     def bytes_sent(self) -> dict[str, int]:
         return dict(self.sent)
+
+
+def unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """``flat`` cut into views shaped like ``like`` (in order)."""
+    views, offset = [], 0
+    for x in like:
+        views.append(flat[offset : offset + x.numel()].view_as(x))
+        offset += x.numel()
+    return views
 
 
 #: The single-process stand-in: every collective is a no-op.

@@ -34,23 +34,65 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-METHODS = ("tawt", "tawt-step", "mgda", "metaweighting", "upgrad", "gradnorm", "uncertainty")
+#: Run name -> (method, other settings); the plain names run the method's defaults.
+VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    "tawt-exact": ("tawt", {"similarity": "exact"}),  # eq. 2.7: HVPs summed in the CG solve
+    "tawt-samples": ("tawt-samples", {}),  # per-example products split and summed
+    "tawt-samples-drawn": ("tawt-samples", {"weights_as": "sampling"}),
+}
+METHODS = ("tawt", "tawt-step", "mgda", "metaweighting", "upgrad", "gradnorm", "uncertainty",
+           *VARIANTS)  # fmt: skip
 PAUSE_AT = 8  # the optimizer step a paused run waits before (checkpoints every 3 steps)
+#: Label transfer runs (run name -> the method, its ``metaxt`` settings, other settings), with
+#: a small network. The exact meta-gradient's run has target batches of 2 (one item to train,
+#: one to meta-train; the last batch one item): rank 1's target slices are empty while its
+#: source slices are not: its sources' part of α's meta-gradient comes through the all-reduce
+#: in the lookahead's backward pass alone (rank 0's L_meta).
+LABEL_TRANSFER: dict[str, tuple[str, dict[str, object], dict[str, object]]] = {
+    "metaxt": ("metaxt", {}, {}),
+    "xt": ("xt", {}, {}),
+    "metaxt-exact": (
+        "metaxt",
+        {"meta_gradient": "exact"},
+        {"batch_size": 2, "epochs": 1, "epoch": "target"},
+    ),
+}
 
 
 # -- the driver (runs inside torchrun's processes) ------------------------------------------
 
 
 def _config(method: str, **changes: object) -> object:
-    from pyxtask.config import DistributedConfig, MetaWeightingConfig, TAWTConfig
+    from pyxtask.config import (
+        DistributedConfig,
+        MetaWeightingConfig,
+        MetaXTConfig,
+        SampleTAWTConfig,
+        TAWTConfig,
+    )
     from tests.test_train import synthetic_config
 
+    other: dict[str, object] = {}
+    if method in VARIANTS:
+        method, other = VARIANTS[method]
+    similarity = str(other.get("similarity", "cosine"))
+    weights_as = other.get("weights_as", "loss")
+    if method in LABEL_TRANSFER:
+        method, settings, other = LABEL_TRANSFER[method]
+        metaxt = MetaXTConfig(label_dim=8, hidden=32, **settings)  # type: ignore[arg-type]
+        changes = {"metaxt": metaxt, **other, **changes}
     base: dict[str, object] = {
         "method": method,
         "epochs": 2,
         "dropout": 0.0,
         "log_every": 1,
-        "tawt": TAWTConfig(probe_size=15, update_every=4 if method == "tawt-step" else None),
+        "tawt": TAWTConfig(
+            probe_size=15,
+            update_every=4 if method == "tawt-step" else None,
+            similarity=similarity,
+        ),
+        "tawt_samples": SampleTAWTConfig(c=20.0, batch_size=6),
+        "weights_as": weights_as,
         "metaweighting": MetaWeightingConfig(eta=0.5, alpha=0.5),
         "distributed": DistributedConfig(timeout=20.0),
     }
@@ -80,6 +122,9 @@ class _NoDropoutTrainer:
                 for module in self.model.modules():
                     if isinstance(module, torch.nn.Dropout):
                         module.p = 0.0
+                method = self.phases[-1].method
+                if hasattr(method, "meta_parameters"):  # MetaXT's network before training
+                    self.transfer_at_start = [p.detach().clone() for p in method.meta_parameters()]
 
             def _plot_epoch(self) -> None:
                 pass
@@ -101,7 +146,15 @@ def _train(run_dir: Path, method: str, resume: bool = False, **changes: object) 
     env = torchrun_environment()
     rank = 0 if env is None else env["rank"]
     state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    torch.save({"summary": summary, "model": state}, run_dir / f"rank{rank}.pt")
+    saved: dict[str, object] = {"summary": summary, "model": state}
+    method = trainer.phases[-1].method
+    if hasattr(method, "meta_parameters"):  # MetaXT/XT: the label transfer network, its sizes
+        saved["transfer"] = [p.detach().clone() for p in method.meta_parameters()]
+        saved["transfer_at_start"] = trainer.transfer_at_start
+        theta = method.lookahead_parameters(trainer.ctx)
+        saved["sizes"] = {"theta": sum(p.numel() for p in theta),
+                          "transfer": sum(p.numel() for p in method.meta_parameters())}  # fmt: skip
+    torch.save(saved, run_dir / f"rank{rank}.pt")
 
 
 def _pause_at(step: int, rank: int, action: str, marker: Path) -> None:
@@ -205,9 +258,10 @@ def _assert_close_models(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every method of METHODS trained once by 2 torchrun processes (one launch): TAWT per
     epoch and per step, MGDA, MetaWeighting and UPGrad (a Gram peer) in exact mode, and the
-    methods with parameters of their own (GradNorm's weights, Uncertainty's log variances)."""
+    methods with parameters of their own (GradNorm's weights, Uncertainty's log variances),
+    and the label transfer runs (MetaXT's network)."""
     runs = tmp_path_factory.mktemp("two")
-    _finish(_torchrun(runs, "train", *METHODS))
+    _finish(_torchrun(runs, "train", *METHODS, *LABEL_TRANSFER))
     return runs
 
 
@@ -215,7 +269,7 @@ def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def one_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same runs in this process, no torchrun."""
     runs = tmp_path_factory.mktemp("one")
-    for method in METHODS:
+    for method in (*METHODS, *LABEL_TRANSFER):
         changes = {"checkpoint_every": 3} if method == "tawt-step" else {}
         _train(runs / method, method, **changes)
     return runs
@@ -312,6 +366,36 @@ def test_a_rank_killed_mid_step_fails_the_run_with_one_clear_line(tmp_path: Path
     assert time.monotonic() - started < 120
 
 
+def test_a_hung_rank_fails_the_run_within_the_timeout(tmp_path: Path) -> None:
+    """Rank 1 sleeps inside a step: rank 0's next collective times out (20 s) with one line,
+    and torchrun then stops rank 1, which says so in one line."""
+    proc = _torchrun(tmp_path, "hang", "mgda")
+    out, _ = proc.communicate(timeout=120)
+    hung = float((tmp_path / "hangd").read_text())
+    assert proc.returncode != 0
+    # The driver calls the trainer, not the CLI: the line is the error's message (the CLI
+    # prints it alone as "error: ...").
+    lines = out.splitlines()
+    assert any("rank 0/2" in x and "hung longer than the 20 s timeout" in x for x in lines), out
+    assert any("rank 1/2: stopped by torchrun (signal SIGTERM)" in x for x in lines), out
+    assert time.time() - hung < 20 + 15, out[-2000:]
+
+
+@pytest.mark.parametrize("name", ["tawt-samples", "tawt-samples-drawn"])
+def test_sample_weights_on_two_processes_equal_one_process(
+    two_process_runs: Path, one_process_runs: Path, name: str
+) -> None:
+    """Each process measures its share of the source examples' products; the summed N-vectors
+    give every process the one-process weights."""
+    two = torch.load(two_process_runs / name / "sample_weights.pt", weights_only=False)
+    one = torch.load(one_process_runs / name / "sample_weights.pt", weights_only=False)
+    assert [h["update"] for h in two["history"]] == [h["update"] for h in one["history"]]
+    assert len(one["history"]) == 3  # the start and one update per epoch
+    torch.testing.assert_close(two["weights"], one["weights"], rtol=1e-5, atol=1e-9)
+    uniform = torch.full_like(one["weights"], 1 / one["weights"].numel())
+    assert float((one["weights"] - uniform).abs().max()) > 1e-3  # the weights moved
+
+
 def test_cheap_statistics_agree_across_ranks_and_stay_near_exact(two_process_runs: Path) -> None:
     cheap, exact = two_process_runs / "cheap", two_process_runs / "tawt-step"
     rank0, rank1 = _load(cheap, 0), _load(cheap, 1)
@@ -329,6 +413,44 @@ def test_cheap_statistics_agree_across_ranks_and_stay_near_exact(two_process_run
     w_cheap, w_exact = _weights(cheap), _weights(exact)
     assert len(w_cheap) == len(w_exact)
     assert torch.tensor(w_cheap) == pytest.approx(torch.tensor(w_exact), abs=0.05)
+
+
+@pytest.mark.parametrize("name", LABEL_TRANSFER)
+def test_label_transfer_on_two_processes_equals_one_process(
+    two_process_runs: Path, one_process_runs: Path, name: str
+) -> None:
+    """MetaXT (finite-difference and exact meta-gradients) and XT: the networks and models of
+    2 processes equal a 1-process run's over the same global batches."""
+    two, one = two_process_runs / name, one_process_runs / name
+    rank0, rank1, single = _load(two, 0), _load(two, 1), _load(one)
+    # The ranks hold bitwise the same model and the same label transfer network ...
+    for key, value in rank0["model"].items():
+        assert torch.equal(value, rank1["model"][key]), key
+    assert len(rank0["transfer"]) == len(single["transfer"]) > 0
+    for a, b in zip(rank0["transfer"], rank1["transfer"], strict=True):
+        assert torch.equal(a, b)
+    # ... which equal the one-process run's. α moved (Adam at lr 3e-4: up to 3e-4 a step), far
+    # beyond the tolerance, and by the same amount on both sides.
+    _assert_close_models(rank0["model"], single["model"])
+    network = {str(i): p for i, p in enumerate(rank0["transfer"])}
+    _assert_close_models(network, {str(i): p for i, p in enumerate(single["transfer"])})
+    start = {str(i): p for i, p in enumerate(single["transfer_at_start"])}
+    moved = max(float((network[k] - start[k]).abs().max()) for k in network)
+    assert moved > 1e-3, moved
+    assert rank0["summary"]["steps"] == single["summary"]["steps"] > 0
+    losses2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    losses1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    train2 = [r["loss"] for r in losses2 if r["kind"] == "train"]
+    train1 = [r["loss"] for r in losses1 if r["kind"] == "train"]
+    assert train2 == pytest.approx(train1, rel=1e-4)
+    epochs = int(LABEL_TRANSFER[name][2].get("epochs", 2))  # type: ignore[call-overload]
+    assert (two / "label_transfer.jsonl").read_text().count("\n") == epochs * 2  # 2 sources
+    # What a step sends besides the trainer's gradient all-reduce: the lookahead's two
+    # P_Θ-vectors (none for XT) and α's gradient.
+    sizes, sent = rank0["sizes"], rank0["summary"]["distributed"]["bytes_per_step"]
+    lookahead = 0 if name == "xt" else 2 * 4 * sizes["theta"]
+    assert sent["statistics"] == lookahead
+    assert sent["gradients"] >= 4 * sizes["transfer"] + 4 * sizes["theta"]
 
 
 if __name__ == "__main__":

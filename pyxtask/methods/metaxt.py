@@ -34,6 +34,25 @@ network after an encoder layer on the γ2 term's source pass; it learns with α.
 The networks belong to the method, never to the exported model; they are saved with the run
 (``label_transfer_network.pt``), and at every epoch's end the label-transfer map -- mean ŷ_t
 per source label, as the paper's Fig. 7 -- is appended to ``label_transfer.jsonl`` and drawn.
+
+Under torchrun (R processes) every process takes its slice of the target's training and meta
+parts (``ctx.batch_loss``) and of each source batch (``indices[rank::R]``, its mean losses
+scaled by its share of the batch's labelled units), so the processes' losses and gradients
+sum to the one-process ones; each process keeps the same α (and φ): it is created from the
+run's seed, stepped by the same Adam on the same summed gradient, and compared bitwise at every
+epoch's end. Besides the trainer's all-reduce of the model's gradient (4 bytes per parameter),
+a step sends, with P_Θ the encoder's and the target head's parameters and A the networks':
+
+- ``finite-difference``: ∇_Θ L_train for the lookahead (4 P_Θ bytes; ``.grad`` keeps this
+  process's share, for the trainer's sum), v = ∇_Θ' L_meta (4 P_Θ) and α's gradient (4 A);
+- ``exact``: ∇_Θ L_train's value (4 P_Θ), the gradient of L_meta reaching ∇_Θ of the γ2 term
+  in the lookahead's backward pass (4 P_Θ: every process's L_meta moves through every
+  process's g_α) and α's gradient (4 A);
+- ``xt``: α's gradient (4 A).
+
+All-reduces of the P_Θ vectors count as ``statistics``, α's as ``gradients``. A 2-process run
+equals a 1-process run over the same global batches up to the fp32 summation order
+(``tests/test_distributed.py``); the epoch-end map and file are made by rank 0 alone.
 """
 
 from __future__ import annotations
@@ -49,6 +68,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pyxtask.data import LabelMap, collate
+from pyxtask.distributed import unflatten
 from pyxtask.evaluation import autocast
 from pyxtask.hessian import restored
 from pyxtask.methods._base import Method, Sampling, Step, StepContext, StepLosses, shares
@@ -144,6 +164,9 @@ class _SourceBatch:
         self.features: Tensor | None = None  # g_α's detached input
         self.source_labels: Tensor | None = None
         self.soft: Tensor | None = None  # g_α's output, graph to α
+        #: Under torchrun: this process's share of the global batch's labelled units (its
+        #: mean losses times it sum to the global means); None on one process.
+        self.share: float | None = None
 
 
 class MetaXTMethod(Method):
@@ -219,12 +242,6 @@ class MetaXTMethod(Method):
                 )
         if ctx.num_tasks < 2:
             raise ConfigError(f"{self.name} needs at least one source task")
-        if ctx.distributed.enabled:
-            raise ConfigError(
-                f"{self.name} runs on one process: its lookahead and label transfer network "
-                "are not split across processes yet; start it without torchrun (or with "
-                "--nproc-per-node 1)"
-            )
         hidden = int(ctx.model.encoder.config.hidden_size)
         self._target_labels = target.labels.labels
         self._sources = ctx.num_tasks - 1
@@ -324,8 +341,11 @@ class MetaXTMethod(Method):
             # Flash and memory-efficient attention have no second derivative; the math
             # kernel has, so the exact meta-gradient's passes all take it.
             with sdpa_kernel(SDPBackend.MATH):
-                return self._train_pass_in(ctx, step)
-        return self._train_pass_in(ctx, step)
+                losses, sources, grad_alpha = self._train_pass_in(ctx, step)
+        else:
+            losses, sources, grad_alpha = self._train_pass_in(ctx, step)
+        # Each process holds its slices' share: α's gradient is their sum, the same everywhere.
+        return losses, sources, _summed(ctx, grad_alpha, "gradients")
 
     def _train_pass_in(
         self, ctx: StepContext, step: Step
@@ -363,13 +383,15 @@ class MetaXTMethod(Method):
         return sorted(idx[i] for i in order[n_meta:]), meta
 
     def _source_pass(self, ctx: StepContext, t: int, indices: Sequence[int]) -> _SourceBatch:
-        batch = collate([ctx.encoded[t][i] for i in indices], ctx.pad)
+        local, share = _slice(ctx, t, indices)
+        batch = collate([ctx.encoded[t][i] for i in local], ctx.pad)
         s = _SourceBatch(
             t - 1,
             batch["input_ids"].to(ctx.device),
             batch["attention_mask"].to(ctx.device),
             batch["labels"].to(ctx.device),
         )
+        s.share = share
         s.rng = _rng_state(ctx.device)
         with autocast(ctx.device, ctx.bf16):
             hidden = ctx.model.encode(s.ids, s.mask)
@@ -388,7 +410,7 @@ class MetaXTMethod(Method):
         hidden, s.hidden = cast(Tensor, s.hidden), None
         with autocast(ctx.device, ctx.bf16):
             logits = ctx.model.head(head)(hidden, s.mask)
-        return ctx.model.task_loss(head, _wide(logits), s.labels)
+        return _shared(ctx.model.task_loss(head, _wide(logits), s.labels), s)
 
     def _target_log_probs(self, ctx: StepContext, s: _SourceBatch, grad: bool) -> Tensor:
         """The target head's log-probabilities on the source batch at the current Θ, replaying
@@ -408,7 +430,7 @@ class MetaXTMethod(Method):
         for s in sources:
             soft = cast(Tensor, s.soft)
             soft = soft.detach() if detach else soft
-            total = total + _soft_cross_entropy(cast(Tensor, s.log_probs), soft)
+            total = total + _shared(_soft_cross_entropy(cast(Tensor, s.log_probs), soft), s)
         return (self.gamma2 / len(sources)) * total
 
     # -- α's gradient ----------------------------------------------------------------------
@@ -424,11 +446,12 @@ class MetaXTMethod(Method):
         meta_part: Sequence[int],
     ) -> list[Tensor]:
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in theta]
+        grads = _summed(ctx, grads)  # .grad keeps this process's share, for the trainer's sum
         data = [p.data for p in theta]
         with restored(theta):
             with torch.no_grad():
                 add_scaled_(data, grads, -self.eta)  # Θ' = Θ - η ∇_Θ L_train
-            v = _grads(self._meta_loss(ctx, meta_part), theta)
+            v = _summed(ctx, _grads(self._meta_loss(ctx, meta_part), theta))
         norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v))))
         if norm == 0.0 or not math.isfinite(norm):
             return [torch.zeros_like(p) for p in self.meta_parameters()]
@@ -446,7 +469,7 @@ class MetaXTMethod(Method):
                 shifted.append([self._shifted_pass(ctx, s, sign * coef, total) for s in sources])
         directional = sum(
             (
-                _soft_cross_entropy(p - m, cast(Tensor, s.soft))
+                _shared(_soft_cross_entropy(p - m, cast(Tensor, s.soft)), s)
                 for p, m, s in zip(*shifted, sources, strict=True)
             ),
             torch.zeros((), device=ctx.device),
@@ -461,7 +484,7 @@ class MetaXTMethod(Method):
         directional derivative is taken now, while Θ is still where the pass saw it."""
         log_probs = self._target_log_probs(ctx, s, grad=self.rtn is not None)
         if self.rtn is not None:
-            loss = coef * _soft_cross_entropy(log_probs, cast(Tensor, s.soft).detach())
+            loss = coef * _shared(_soft_cross_entropy(log_probs, cast(Tensor, s.soft).detach()), s)
             torch._foreach_add_(total, _grads(loss, self.meta_parameters()))
         return log_probs.detach()
 
@@ -479,15 +502,22 @@ class MetaXTMethod(Method):
         for p, g in zip(trained, first, strict=True):
             p.grad = g.detach()
         by_id = {id(p): g for p, g in zip(trained, first, strict=True)}
+        summed = _summed(ctx, [by_id[id(p)] for p in theta])  # Θ' moves on the global gradient
+        by_id |= {id(p): g for p, g in zip(theta, summed, strict=True)}
         # Zero in value, ∇_α(∇_Θ L_train) in its graph: Θ'(α) = Θ - η (g + g_α - sg(g_α)).
         live = self._transfer_loss(sources, detach=False)
         second = _grads(live, theta, create_graph=True)
+        reached = None
+        if ctx.distributed.enabled:  # every process's g_α moves every process's Θ'
+            second, reached = _summed_in_backward(ctx, second)
         names = {id(p): n for n, p in ctx.model.named_parameters()}
         lookahead = {
             names[id(p)]: p - self.eta * (by_id[id(p)] + g2 - g2.detach())
             for p, g2 in zip(theta, second, strict=True)
         }
         meta = self._meta_loss(ctx, meta_part, lookahead)
+        if reached is not None:  # a slice without labels still joins the backward's all-reduce
+            meta = meta + reached
         # The graph stays: Θ's gradient at the new α is taken through it afterwards.
         return _grads(meta, self.meta_parameters(), retain_graph=True)
 
@@ -517,6 +547,11 @@ class MetaXTMethod(Method):
     # -- epochs, outputs, state ------------------------------------------------------------
 
     def epoch_end(self, ctx: StepContext, epoch: int) -> None:
+        # Stepped by every process on the same summed gradient: the networks must agree.
+        every = torch.cat([p.detach().reshape(-1) for p in self.meta_parameters()])
+        ctx.distributed.check_same(every, f"{self.name}'s transfer network parameters")
+        if not ctx.distributed.is_main:
+            return  # rank 0 writes the map and the network
         for record in self.label_transfer_map(ctx):
             ctx.log({"epoch": epoch, "step": ctx.global_step, **record}, "label_transfer.jsonl")
         ctx.save("label_transfer_network.pt", self.network_state(ctx))
@@ -684,9 +719,57 @@ def _grads(
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, out, strict=True)]
 
 
+def _slice(ctx: StepContext, t: int, indices: Sequence[int]) -> tuple[list[int], float | None]:
+    """This process's items of a source batch and their share of its labelled units (None:
+    one process, the whole batch). An empty slice is the batch's first item weighted 0, so
+    that every process runs the same passes and collectives."""
+    if not ctx.distributed.enabled:
+        return list(indices), None
+    local = ctx.shard(indices)
+    if not local:
+        return [indices[0]], 0.0
+    return local, ctx.loss_share(t, indices, local)
+
+
+def _shared(loss: Tensor, s: _SourceBatch) -> Tensor:
+    """A mean over this process's slice of ``s`` as its share of the global batch's mean."""
+    return loss if s.share is None else loss * s.share
+
+
+def _summed(ctx: StepContext, tensors: list[Tensor], kind: str = "statistics") -> list[Tensor]:
+    """The tensors summed over the processes in one all-reduce (new tensors; the inputs are
+    left as they are); with one process, the inputs themselves."""
+    if not tensors:
+        return tensors
+    return ctx.distributed.sum_tensors(tensors, kind)
+
+
+class _SumInBackward(torch.autograd.Function):
+    """The identity, whose backward sums the incoming gradient over the processes."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, reducer: Any) -> Tensor:
+        ctx.reducer = reducer
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return ctx.reducer.all_reduce_(grad.contiguous().clone(), "statistics"), None
+
+
+def _summed_in_backward(ctx: StepContext, tensors: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """The tensors unchanged in value, with one all-reduce in their backward pass: a loss
+    on one process reaching them gets the gradient of every process's loss. Also a zero
+    that reaches the all-reduce (added to a loss that may not reach the tensors otherwise,
+    so that every process joins it)."""
+    flat = torch.cat([x.reshape(-1) for x in tensors])
+    out = cast(Tensor, _SumInBackward.apply(flat, ctx.distributed))  # type: ignore[no-untyped-call]
+    return unflatten(out, tensors), (out * 0.0).sum()
+
+
 def _with_soft(s: _SourceBatch, soft: Tensor) -> _SourceBatch:
     out = _SourceBatch(s.source, s.ids, s.mask, s.labels)
-    out.log_probs, out.soft = s.log_probs, soft
+    out.log_probs, out.soft, out.share = s.log_probs, soft, s.share
     return out
 
 

@@ -333,29 +333,56 @@ class SampleTAWTMethod(Method):
 
     def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
         m = len(micro_batches)
-        sums: dict[int, list[float]] = {}
+        tasks: list[int] = []
+        values: list[Tensor] = []
         for j, step in enumerate(micro_batches):
             ((t, indices),) = step
             if t == 0:
                 loss = ctx.batch_loss(0, indices)
                 f0 = self.omega0 * self.n_all / self.n_target * self.scale
-                self._backward(ctx, [(0, loss.detach(), loss * f0)], m, sums)
-                continue
-            if self.weights_as == "loss":
-                per = ctx.batch_loss(t, indices, per_sample=True)
-                units = ctx.item_units(t, indices).to(per)
-                f = self._factors(t - 1, torch.as_tensor(indices, dtype=torch.long)).to(per)
-                mean = (units * per).sum() / units.sum()
-                loss = (f * units * per).sum() / units.sum()
-                self._backward(ctx, [(t, mean.detach(), loss)], m, sums)
+                terms = [(0, loss.detach(), loss * f0)]
+            elif self.weights_as == "loss":
+                units = float(ctx.item_units(t, indices).sum())
+                terms = [self._term(ctx, t, indices, units=units, loss_units=units)]
             else:
-                self._backward(ctx, self._drawn(ctx, len(indices), j), m, sums)
-        return {t: total / count for t, (total, count) in sums.items()}
+                terms = self._drawn(ctx, len(indices), j)
+            total = cast(Tensor, sum(loss for _, _, loss in terms))
+            torch.autograd.backward(total / m if m > 1 else total)
+            tasks += [t for t, _, _ in terms]
+            values += [value for _, value, _ in terms]
+        return ctx.mean_losses(tasks, values)
+
+    def _term(
+        self,
+        ctx: StepContext,
+        t: int,
+        indices: Sequence[int],
+        *,
+        units: float,
+        loss_units: float,
+        factor: float | None = None,
+    ) -> tuple[int, Tensor, Tensor]:
+        """Task ``t``'s examples ``indices`` (global; this process takes its slice): their mean
+        loss (÷ ``units``) and their loss weighted by ``factor`` (None: each example's own) ÷
+        ``loss_units``. Both are this process's shares: summed over the processes they are the
+        one-process values."""
+        local = ctx.shard(indices)
+        if not local or units == 0:
+            zero = ctx.zero_loss(t)
+            return t, zero.detach(), zero
+        per = ctx.batch_loss(t, local, per_sample=True)
+        words = ctx.item_units(t, local).to(per) * per
+        if factor is None:
+            weighted = self._factors(t - 1, torch.as_tensor(local, dtype=torch.long)).to(per)
+            loss = (weighted * words).sum() / loss_units
+        else:
+            loss = words.sum() * (factor / loss_units)
+        return t, (words.sum() / units).detach(), loss
 
     def _drawn(self, ctx: StepContext, count: int, j: int) -> list[tuple[int, Tensor, Tensor]]:
-        """``count`` source examples drawn by weight (seeded by the step), grouped by task;
-        each term divides by the drawn examples' labelled words, so their sum is the batch's
-        mean loss."""
+        """``count`` source examples drawn by weight (seeded by the step, the same on every
+        process), grouped by task; each loss divides by all drawn examples' labelled words, so
+        their sum is the batch's mean loss times the factor of uniform weights."""
         w = self.sample_weights
         g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.global_step * 31 + j)
         drawn = w.draw(count, g)
@@ -365,30 +392,12 @@ class SampleTAWTMethod(Method):
             sl = w.task_slice(s)
             mine = (drawn[(drawn >= sl.start) & (drawn < sl.stop)] - sl.start).tolist()
             if mine:
-                groups.append((s + 1, mine, ctx.item_units(s + 1, mine)))
-        total = float(sum(float(units.sum()) for _, _, units in groups))
-        out = []
-        for t, mine, units in groups:
-            per = ctx.batch_loss(t, mine, per_sample=True)
-            words = (units.to(per) * per).sum()
-            out.append((t, (words / units.sum()).detach(), words * (factor / total)))
-        return out
-
-    @staticmethod
-    def _backward(
-        ctx: StepContext,
-        terms: list[tuple[int, Tensor, Tensor]],
-        m: int,
-        sums: dict[int, list[float]],
-    ) -> None:
-        total = cast(Tensor, sum(loss for _, _, loss in terms))
-        torch.autograd.backward(total / m if m > 1 else total)
-        for t, value, _ in terms:
-            v = float(value)
-            ctx.check_loss(ctx.tasks[t].name, v, ctx.global_step + 1)
-            acc = sums.setdefault(t, [0.0, 0.0])
-            acc[0] += v
-            acc[1] += 1
+                groups.append((s + 1, mine, float(ctx.item_units(s + 1, mine).sum())))
+        total = sum(units for _, _, units in groups)
+        return [
+            self._term(ctx, t, mine, units=units, loss_units=total, factor=factor)
+            for t, mine, units in groups
+        ]
 
     # -- the update ----------------------------------------------------------------------------
 
@@ -440,12 +449,13 @@ class SampleTAWTMethod(Method):
         ctx.save(FILE, self.report(ctx))
 
     def _batches(self, ctx: StepContext, t: int, items: Sequence[int]) -> Iterator[list[int]]:
-        """``items`` in batches of similar length (less padding), with a progress bar."""
+        """``items`` in batches of similar length (less padding), with a progress bar; under
+        torchrun this process's share of the batches."""
         from tqdm.auto import tqdm  # noqa: PLC0415
 
         size = self.pass_batch or ctx.batch_size
         order = sorted(items, key=lambda i: len(ctx.encoded[t][i].input_ids))
-        chunks = [order[k : k + size] for k in range(0, len(order), size)]
+        chunks = ctx.distributed.shard([order[k : k + size] for k in range(0, len(order), size)])
         desc = f"tawt-samples update {self.sample_weights.updates + 1}: {ctx.task_names[t]}"
         yield from tqdm(chunks, desc=desc, disable=None, leave=False)
 
@@ -467,7 +477,7 @@ class SampleTAWTMethod(Method):
             for acc, grad in zip(total, grads, strict=True):
                 if grad is not None:
                     acc.add_(grad)
-        return dict(zip(names, total, strict=True))
+        return dict(zip(names, ctx.distributed.sum_tensors(total), strict=True))
 
     def _products(
         self, ctx: StepContext, products: Products, v: dict[str, Tensor]
@@ -489,6 +499,9 @@ class SampleTAWTMethod(Method):
                 where = torch.as_tensor(batch, dtype=torch.long) + w.offsets[s]
                 dots[where] = cast(Tensor, d).detach().to("cpu", torch.float64)
                 sq_norms[where] = sq.detach().to("cpu", torch.float64)
+        # Each process measured its share of the batches, zeros elsewhere: 2N float64 summed.
+        ctx.distributed.all_reduce_(dots)
+        ctx.distributed.all_reduce_(sq_norms)
         return dots, sq_norms
 
     # -- what users see ------------------------------------------------------------------------
