@@ -71,7 +71,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ),
     ("--weights-as", "weights_as", str, "loss (factors, the paper) | sampling (probabilities)"),
     ("--epoch", "epoch", str, "stream (all tasks' batches) | target (one pass over the target)"),
-    ("--encoder", "encoder", str, "minilm | tiny | a local encoder folder | a run's best/"),
+    ("--encoder", "encoder", str, "minilm | tiny | window-mlp | an encoder folder | a run's best/"),
     ("--epochs", "epochs", int, "epochs (default 4)"),
     ("--batch-size", "batch_size", int, "batch size (default 32)"),
     ("--accumulate", "accumulate", int, "micro-batches per optimizer step (default 1)"),
@@ -308,8 +308,18 @@ def _override(config: dict[str, Any], item: str) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from pyxtask.export import export_run  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
 
+    from pyxtask.export import ExportError, export_run  # noqa: PLC0415
+    from pyxtask.window_mlp import ENCODER  # noqa: PLC0415
+
+    run_config = Path(args.run_dir) / "config.json"
+    if run_config.is_file() and json.loads(run_config.read_text()).get("encoder") == ENCODER:
+        raise ExportError(
+            f"{args.run_dir}: encoder {ENCODER!r} is not exported: its word vectors cover only the "
+            "run's own words; evaluate its best/ with pyxtask.models.MultiTaskModel.load"
+        )
     _no_transformers_bars()  # the loads of the run's model: noise beside the export's lines
     manifest = export_run(
         args.run_dir,

@@ -31,6 +31,7 @@ __all__ = [
     "TAWTConfig",
     "TrainConfig",
     "UncertaintyConfig",
+    "WindowMLPConfig",
     "load_config",
 ]
 
@@ -236,6 +237,23 @@ class SVDConfig:
 
 
 @dataclass
+class WindowMLPConfig:
+    """The TAWT paper's App. B network (``encoder = "window-mlp"``, :mod:`pyxtask.window_mlp`):
+    per word, the concatenated frozen vectors of the ``2 * window + 1`` words around it (zeros
+    past the sentence's ends), then Linear + ReLU; the heads on top."""
+
+    #: Hidden units of the Linear + ReLU representation (the paper: 4,096).
+    hidden: int = 4096
+    #: Words each side of the word (the paper's 5-grams: 2).
+    window: int = 2
+    #: The frozen word vectors: ``"minilm"`` (each word the mean of its sub-words' rows of
+    #: MiniLM's input embeddings; the paper's 50-d GloVe is not available) or ``"random"``
+    #: (seeded N(0, 1) vectors of ``random_dim`` numbers: tests).
+    embeddings: str = "minilm"
+    random_dim: int = 16
+
+
+@dataclass
 class DistributedConfig:
     """Training under torchrun (several processes); a single process ignores it."""
 
@@ -265,6 +283,7 @@ SECTIONS: dict[str, type] = {
     "distributed": DistributedConfig,
     "alignment": AlignmentConfig,
     "svd": SVDConfig,
+    "window_mlp": WindowMLPConfig,
 }
 
 
@@ -290,9 +309,14 @@ class TrainConfig:
     weights_as: str = "loss"
     #: An epoch is one shuffled stream of all tasks' batches, or one pass over the target.
     epoch: str = "stream"
-    #: ``"minilm"`` (the all-MiniLM-L6-v2 package), a local encoder folder, or ``"tiny"``
-    #: (a small random BERT with a WordPiece vocabulary learned from the training text).
+    #: ``"minilm"`` (the all-MiniLM-L6-v2 package), a local encoder folder, ``"tiny"`` (a
+    #: small random BERT with a WordPiece vocabulary learned from the training text), or
+    #: ``"window-mlp"`` (the TAWT paper's two-layer network on word windows; ``[window_mlp]``).
     encoder: str = "minilm"
+    #: Training examples of token tasks: ``"sentences"``, or ``"words"``: one example per word
+    #: (the word in its sentence, only it labelled; TAWT's App. B), ``target_size`` and
+    #: ``source_size`` then count words. Dev and test stay sentences (every word scored).
+    examples: str = "sentences"
     epochs: int = 4
     #: Single-task runs only: this many optimizer steps in all (the step-matched baseline).
     total_steps: int | None = None
@@ -304,6 +328,9 @@ class TrainConfig:
     group_by_length: bool = True
     eval_batch_size: int = 64
     lr: float = 5e-5
+    #: After the warm-up: ``"linear"`` decay to 0 at the planned end (BERT's recipe) or
+    #: ``"constant"`` (plain Adam at ``lr``, as TAWT's App. B network trains).
+    lr_schedule: str = "linear"
     warmup: float = 0.1
     weight_decay: float = 0.01
     clip: float = 1.0
@@ -333,6 +360,7 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     svd: SVDConfig = field(default_factory=SVDConfig)
+    window_mlp: WindowMLPConfig = field(default_factory=WindowMLPConfig)
     cache: str | None = None
     #: Tasks read from the user's own files, by name (``[tasks.NAME]`` tables).
     tasks: dict[str, FileTask] = field(default_factory=dict)
@@ -397,6 +425,9 @@ class TrainConfig:
         choice("unseen_labels", self.unseen_labels, UNSEEN_LABELS)
         choice("distributed.statistics", self.distributed.statistics, ("exact", "cheap"))
         choice("alignment.tasks", self.alignment.tasks, ("all", "target"))
+        choice("examples", self.examples, ("sentences", "words"))
+        choice("lr_schedule", self.lr_schedule, ("linear", "constant"))
+        choice("window_mlp.embeddings", self.window_mlp.embeddings, ("minilm", "random"))
         if self.method == "alignment" and self.paradigm == "pretrain":
             raise ConfigError(
                 "method = 'alignment' aligns the tasks it trains, and pretrain fine-tunes the "
@@ -477,6 +508,9 @@ class TrainConfig:
             ("tawt.cg_max_iter", self.tawt.cg_max_iter, 1, 100_000),
             ("seed", self.seed, 0, 2**63 - 1),
             ("alignment.epochs", self.alignment.epochs, 0, 10_000),
+            ("window_mlp.hidden", self.window_mlp.hidden, 1, 1 << 20),
+            ("window_mlp.window", self.window_mlp.window, 0, 64),
+            ("window_mlp.random_dim", self.window_mlp.random_dim, 1, 1 << 16),
         )
         for name, number, low, high in bounded:
             if not _is_int(number) or not low <= cast(int, number) <= high:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer
 
+from pyxtask import window_mlp  # noqa: F401 -- registers the "window-mlp" encoder with AutoModel
 from pyxtask.data.labels import LabelMap
 
 __all__ = [

@@ -14,9 +14,10 @@ from typing import Any, cast
 
 import torch
 
-from pyxtask import checkpoint
+from pyxtask import checkpoint, window_mlp
 from pyxtask.config import ConfigError, TrainConfig
 from pyxtask.data import CorpusFormatError, LabeledText, LabelMap, TaggedSentence, corpora, files
+from pyxtask.data.words import labelled_tags, word_examples
 from pyxtask.models import MultiTaskModel
 
 __all__ = ["Example", "TaskData", "build_model", "load_tasks"]
@@ -42,7 +43,7 @@ class TaskData:
 
 
 def _labels_of(examples: Sequence[Example]) -> list[str | tuple[str, ...]]:
-    return [e.tags if isinstance(e, TaggedSentence) else e.label for e in examples]
+    return [labelled_tags(e) if isinstance(e, TaggedSentence) else e.label for e in examples]
 
 
 def load_tasks(config: TrainConfig) -> list[TaskData]:
@@ -64,9 +65,15 @@ def load_tasks(config: TrainConfig) -> list[TaskData]:
                 f"{', '.join(corpus.tasks)}"
             )
         size = config.target_size if i == 0 else config.source_size
+        words = config.examples == "words"
         train: list[Example] = list(
-            corpora.load(corpus_name, task, "train", size, config.seed, cache=config.cache)
-        )
+            corpora.load(
+                corpus_name, task, "train", None if words else size, config.seed,
+                cache=config.cache,
+            )
+        )  # fmt: skip
+        if words:
+            train = _word_examples(config, name, corpus.tasks[task], train, size)
         dev: list[Example] = []
         test: list[Example] = []
         if i == 0:
@@ -79,7 +86,7 @@ def load_tasks(config: TrainConfig) -> list[TaskData]:
         if size is not None and len(train) < size:
             raise ConfigError(
                 f"{'target_size' if i == 0 else 'source_size'} = {size} but {name!r} has only "
-                f"{len(train)} training sentences"
+                f"{len(train)} training {config.examples}"
             )
         kind = corpus.tasks[task]
         labels = LabelMap.from_corpus(
@@ -96,7 +103,10 @@ def _file_task(config: TrainConfig, name: str, *, target: bool) -> TaskData:
     except (files.FileTaskError, CorpusFormatError) as exc:
         raise ConfigError(f"task {name!r}: {exc}") from None
     size = config.target_size if target else config.source_size
-    train = _sample(splits["train"], size, config.seed)
+    if config.examples == "words":
+        train = _word_examples(config, name, files.kind_of(spec), splits["train"], size)
+    else:
+        train = _sample(splits["train"], size, config.seed)
     if size is not None and len(train) < size:
         raise ConfigError(
             f"{'target_size' if target else 'source_size'} = {size} but {name!r} has only "
@@ -114,6 +124,18 @@ def _file_task(config: TrainConfig, name: str, *, target: bool) -> TaskData:
     seen = _labels_of(splits["train"]) + _labels_of(dev + test)
     labels = LabelMap.from_corpus(seen, name=name.replace(".", "__"), kind=kind)  # type: ignore[arg-type]
     return TaskData(name, kind, labels, train, dev, test)
+
+
+def _word_examples(
+    config: TrainConfig, name: str, kind: str, sentences: Sequence[Example], size: int | None
+) -> list[Example]:
+    """``examples = "words"``: ``size`` seeded words of the task's training sentences, each
+    with only its window's words around it for ``window-mlp`` (the same feature, less work)."""
+    if kind != "token":
+        raise ConfigError(f"examples = 'words' is for token tasks; {name!r} labels whole texts")
+    context = config.window_mlp.window if config.encoder == "window-mlp" else None
+    tagged = cast(list[TaggedSentence], list(sentences))
+    return list(word_examples(tagged, size, config.seed, context))
 
 
 def _sample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
@@ -177,6 +199,8 @@ def build_model(tasks: Sequence[TaskData], config: TrainConfig, run_dir: Path) -
     heads = [(t.head, t.labels) for t in tasks]
     if config.encoder == "tiny":
         model = _tiny_encoder(tasks, config, run_dir / "tiny-vocab")
+    elif config.encoder == window_mlp.ENCODER:
+        model = window_mlp.build_window_mlp(tasks, config)
     else:
         path = None if config.encoder == "minilm" else config.encoder
         model = MultiTaskModel.from_pretrained(path, heads, dropout=config.dropout)

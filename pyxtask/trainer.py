@@ -286,13 +286,15 @@ class Trainer:
         self._planned_steps = max(1, self._phase_steps(phase_index))
         warm = int(config.warmup * self._planned_steps)
 
+        decay = config.lr_schedule == "linear"
+
         def schedule(step: int) -> float:
             # Linear decay to the planned end, re-planned at each epoch's start (with
             # weights as sampling probabilities, later epochs can be shorter).
             total = self._planned_steps
             if step < warm:
                 return (step + 1) / (warm + 1)
-            return max(0.0, (total - step) / max(1, total - warm))
+            return max(0.0, (total - step) / max(1, total - warm)) if decay else 1.0
 
         lambdas: list[Any] = [schedule, schedule]
         own = phase.method.parameters()

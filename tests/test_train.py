@@ -838,3 +838,16 @@ def test_buffer_gradients_match_streaming(tmp_path):
         # streaming measures only the target's row and column
         assert a["cosine"][1][2] is None
         assert [full[0][t] for t in range(3)] == pytest.approx(a["cosine"][0], abs=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_lr_schedule_decays_linearly_or_stays_at_lr(tmp_path, schedule):
+    config = synthetic_config(method="fixed", epochs=1, warmup=0.0, lr_schedule=schedule,
+                              log_every=1)  # fmt: skip
+    Trainer(config, tmp_path, progress=False, tasks=synthetic_tasks(0, 16, 16, 8)).fit()
+    rates = [r["lr"] for r in _read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(rates) > 2
+    if schedule == "constant":
+        assert rates == [config.lr] * len(rates)
+    else:
+        assert rates == sorted(rates, reverse=True) and rates[-1] < rates[0] / 2

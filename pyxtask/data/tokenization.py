@@ -33,6 +33,7 @@ import torch
 
 from pyxtask.data.labels import LabelMap
 from pyxtask.data.readers import LabeledText, TaggedSentence
+from pyxtask.data.words import example_label_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -599,7 +600,7 @@ def tokenize_corpus(
             )
         try:
             if isinstance(item, TaggedSentence):
-                ids = None if label_map is None else label_map.encode_many(item.tags)
+                ids = None if label_map is None else example_label_ids(item, label_map)
                 out.extend(
                     _align(
                         item.words,
