@@ -26,6 +26,8 @@ class RunResult:
 
     main: dict[str, Any]
     baselines: dict[str, dict[str, Any]]
+    #: What a training example is (``TrainConfig.examples``): sentences or words.
+    examples: str = "sentences"
 
     def table(self) -> str:
         """The runs side by side, ending with the main run's test gain over each baseline."""
@@ -38,7 +40,7 @@ class RunResult:
                 f"  {row['method']:<{width}} dev {100 * row['dev']:6.2f}"
                 f"  test {100 * row['test']:6.2f}"
                 f"  ({row['steps']} steps, {row['target_examples_seen']} target examples seen, "
-                f"{row['train_examples'][row['target']]} target sentences)"
+                f"{row['train_examples'][row['target']]} target {self.examples})"
             )
         if self.baselines:
             gains = ", ".join(
@@ -153,7 +155,7 @@ def run_experiment(
             "a new run"
         )
     tasks = load_tasks(config)
-    target = f"{config.target} ({len(tasks[0].train)} sentences)"
+    target = f"{config.target} ({len(tasks[0].train)} {config.examples})"
     sources = ", ".join(f"{t.name} ({len(t.train)})" for t in tasks[1:]) or "none"
     log(f"{config.label}: target {target}, sources {sources}")
     main = run_single(config, out, resume=resume, progress=progress, tasks=tasks, log=log)
@@ -164,7 +166,7 @@ def run_experiment(
         baselines[name] = run_single(
             sub, out / "compare" / name, resume=resume, progress=progress, tasks=tasks, log=log
         )
-    result = RunResult(main, baselines)
+    result = RunResult(main, baselines, config.examples)
     if _writes_files():
         checkpoint.write_text(out / "comparison.txt", result.table() + "\n")
     return result
