@@ -155,7 +155,7 @@ class Distributed:
     def sum_tensors(self, tensors: Sequence[Tensor], kind: str = "statistics") -> list[Tensor]:
         """``tensors`` (one dtype) summed over the processes by one all-reduce, as new
         tensors (the inputs are untouched). With one process: the inputs."""
-        if not self.enabled:
+        if not self.enabled or not tensors:
             return list(tensors)
         flat = torch.cat([t.detach().reshape(-1) for t in tensors])
         self.all_reduce_(flat, kind)

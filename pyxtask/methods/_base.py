@@ -262,6 +262,32 @@ class StepContext:
             return cast(Tensor, out.loss).float()
         return _per_item_loss(out.logits.float(), labels)
 
+    def shared_losses(self, global_rows: Sequence[int]) -> tuple[Tensor | None, list[Tensor]]:
+        """Every task's mean loss on the shared inputs ``global_rows`` (rows of
+        :meth:`aligned`) through one encoder pass, and the encoder's output. Across processes:
+        this process's rows, each loss its share of the global mean; a process without rows
+        gets ``None`` and zero losses."""
+        aligned = self.aligned()
+        rows = self.shard(global_rows)
+        if not rows:
+            return None, [self.zero_loss(t) for t in range(self.num_tasks)]
+        first = collate([self.encoded[0][aligned[r][0]] for r in rows], self.pad)
+        ids, mask = first["input_ids"].to(self.device), first["attention_mask"].to(self.device)
+        losses: list[Tensor] = []
+        with autocast(self.device, self.bf16):
+            hidden = self.model.encode(ids, mask)
+            for t, task in enumerate(self.tasks):
+                items = [self.encoded[t][aligned[r][t]] for r in rows]
+                labels = collate(items, self.pad)["labels"].to(self.device)
+                out = self.model.apply_head(task.head, hidden, mask, labels)
+                loss = cast(Tensor, out.loss).float()
+                if self.distributed.enabled:
+                    mine = [aligned[r][t] for r in rows]
+                    every = [aligned[r][t] for r in global_rows]
+                    loss = loss * self.loss_share(t, every, mine)
+                losses.append(loss)
+        return hidden, losses
+
     def step_losses(self, step: Step) -> list[Tensor | None]:
         """One loss per task of the run (None for a task without a batch in ``step``)."""
         losses: list[Tensor | None] = [None] * self.num_tasks

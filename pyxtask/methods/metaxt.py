@@ -345,7 +345,7 @@ class MetaXTMethod(Method):
         else:
             losses, sources, grad_alpha = self._train_pass_in(ctx, step)
         # Each process holds its slices' share: α's gradient is their sum, the same everywhere.
-        return losses, sources, _summed(ctx, grad_alpha, "gradients")
+        return losses, sources, ctx.distributed.sum_tensors(grad_alpha, "gradients")
 
     def _train_pass_in(
         self, ctx: StepContext, step: Step
@@ -446,12 +446,13 @@ class MetaXTMethod(Method):
         meta_part: Sequence[int],
     ) -> list[Tensor]:
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in theta]
-        grads = _summed(ctx, grads)  # .grad keeps this process's share, for the trainer's sum
+        # Summed into new tensors: .grad keeps this process's share, for the trainer's sum.
+        grads = ctx.distributed.sum_tensors(grads)
         data = [p.data for p in theta]
         with restored(theta):
             with torch.no_grad():
                 add_scaled_(data, grads, -self.eta)  # Θ' = Θ - η ∇_Θ L_train
-            v = _summed(ctx, _grads(self._meta_loss(ctx, meta_part), theta))
+            v = ctx.distributed.sum_tensors(_grads(self._meta_loss(ctx, meta_part), theta))
         norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v))))
         if norm == 0.0 or not math.isfinite(norm):
             return [torch.zeros_like(p) for p in self.meta_parameters()]
@@ -502,7 +503,8 @@ class MetaXTMethod(Method):
         for p, g in zip(trained, first, strict=True):
             p.grad = g.detach()
         by_id = {id(p): g for p, g in zip(trained, first, strict=True)}
-        summed = _summed(ctx, [by_id[id(p)] for p in theta])  # Θ' moves on the global gradient
+        # Θ' moves on the global gradient.
+        summed = ctx.distributed.sum_tensors([by_id[id(p)] for p in theta])
         by_id |= {id(p): g for p, g in zip(theta, summed, strict=True)}
         # Zero in value, ∇_α(∇_Θ L_train) in its graph: Θ'(α) = Θ - η (g + g_α - sg(g_α)).
         live = self._transfer_loss(sources, detach=False)
@@ -734,14 +736,6 @@ def _slice(ctx: StepContext, t: int, indices: Sequence[int]) -> tuple[list[int],
 def _shared(loss: Tensor, s: _SourceBatch) -> Tensor:
     """A mean over this process's slice of ``s`` as its share of the global batch's mean."""
     return loss if s.share is None else loss * s.share
-
-
-def _summed(ctx: StepContext, tensors: list[Tensor], kind: str = "statistics") -> list[Tensor]:
-    """The tensors summed over the processes in one all-reduce (new tensors; the inputs are
-    left as they are); with one process, the inputs themselves."""
-    if not tensors:
-        return tensors
-    return ctx.distributed.sum_tensors(tensors, kind)
 
 
 class _SumInBackward(torch.autograd.Function):

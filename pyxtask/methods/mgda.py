@@ -27,8 +27,6 @@ from torch import Tensor
 
 from pyxtask import ops
 from pyxtask.config import ConfigError
-from pyxtask.data import collate
-from pyxtask.evaluation import autocast
 from pyxtask.methods._base import Sampling, Step, StepContext, StepLosses
 from pyxtask.methods.gram import GramMethod, loss_vector
 from pyxtask.weighting import MGDA
@@ -63,27 +61,9 @@ class MGDAUBMethod(MGDAMethod):
         if len(micro_batches) != 1:
             raise ValueError("mgda-ub takes one batch per step (no gradient accumulation)")
         ((_, global_rows),) = micro_batches[0]
-        aligned = ctx.aligned()
-        T, model = ctx.num_tasks, ctx.model
-        # Across processes: this process's rows; each loss its share of the global mean.
-        rows = ctx.shard(global_rows)
-        if not rows:
+        hidden, losses = ctx.shared_losses(global_rows)
+        if hidden is None:
             return self._empty_step(ctx)
-        first = collate([ctx.encoded[0][aligned[r][0]] for r in rows], ctx.pad)
-        ids = first["input_ids"].to(ctx.device)
-        mask = first["attention_mask"].to(ctx.device)
-        losses: list[Tensor] = []
-        with autocast(ctx.device, ctx.bf16):
-            hidden = model.encode(ids, mask)
-            for t in range(T):
-                labels = collate([ctx.encoded[t][aligned[r][t]] for r in rows], ctx.pad)["labels"]
-                out = model.apply_head(ctx.tasks[t].head, hidden, mask, labels.to(ctx.device))
-                loss = cast(Tensor, out.loss).float()
-                if ctx.distributed.enabled:
-                    mine = [aligned[r][t] for r in rows]
-                    every = [aligned[r][t] for r in global_rows]
-                    loss = loss * ctx.loss_share(t, every, mine)
-                losses.append(loss)
         read = StepLosses(ctx, 1)
         read.add(list(losses))
         values = read.values()

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 from pyxtask.data import LabelMap, collate
-from pyxtask.evaluation import autocast
 from pyxtask.methods._base import Method, Sampling, Step, StepContext, StepLosses, shares
 from pyxtask.weighting.svd import svd_task_weights
 
@@ -112,7 +111,7 @@ class SVDWeightMethod(Method):
         read = StepLosses(ctx, m)
         for step in micro_batches:
             ((_, rows),) = step
-            losses = _shared_losses(ctx, rows)
+            _, losses = ctx.shared_losses(rows)
             read.add(list(losses))
             total = torch.stack([f * loss for f, loss in zip(factors, losses, strict=True)]).sum()
             torch.autograd.backward(total / m if m > 1 else total)
@@ -141,27 +140,3 @@ class SVDWeightMethod(Method):
                 f"the state has {alpha.numel()} weights, this run {self.alpha.numel()}"
             )
         self.alpha = alpha.clone()
-
-
-def _shared_losses(ctx: StepContext, global_rows: list[int]) -> list[Tensor]:
-    """Every task's loss on the shared examples ``global_rows``, through one encoder pass
-    (across processes: this process's rows, each loss its share of the global mean)."""
-    aligned = ctx.aligned()
-    rows = ctx.shard(global_rows)
-    if not rows:
-        return [ctx.zero_loss(t) for t in range(ctx.num_tasks)]
-    first = collate([ctx.encoded[0][aligned[r][0]] for r in rows], ctx.pad)
-    ids, mask = first["input_ids"].to(ctx.device), first["attention_mask"].to(ctx.device)
-    losses: list[Tensor] = []
-    with autocast(ctx.device, ctx.bf16):
-        hidden = ctx.model.encode(ids, mask)
-        for t, task in enumerate(ctx.tasks):
-            labels = collate([ctx.encoded[t][aligned[r][t]] for r in rows], ctx.pad)["labels"]
-            out = ctx.model.apply_head(task.head, hidden, mask, labels.to(ctx.device))
-            loss = cast(Tensor, out.loss).float()
-            if ctx.distributed.enabled:
-                mine = [aligned[r][t] for r in rows]
-                every = [aligned[r][t] for r in global_rows]
-                loss = loss * ctx.loss_share(t, every, mine)
-            losses.append(loss)
-    return losses
