@@ -11,7 +11,10 @@ words per batch and task). It reports, per method:
 
 - the median time of an optimizer step (``Trainer._step``: the method's step, the all-reduce,
   clipping, the optimizer) after 2 warm-up steps, on 1 process with 1 thread and with all the
-  machine's cores, and on 2 processes with cores / 2 threads each;
+  machine's cores, and on 2 processes with cores / 2 threads each; a method in DDP
+  (``Method.data_parallel``: its gradient summed while the backward runs) is timed on 2
+  processes a second time with DDP off (``method:exact:after-step``: one all-reduce after the
+  backward), which is what the overlap buys;
 - the bytes one process sent per step, counted by wrapping every collective pyxtask issues
   (``Distributed.sent``), by kind, and beyond DDP's own all-reduce (every trainable
   parameter once, 4 bytes each);
@@ -41,7 +44,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "distributed"
 ROOT = Path(__file__).resolve().parents[1]
 STAT_METHODS = ("tawt", "tawt-step", "mgda", "upgrad", "metaweighting", "gradnorm")
 DEFAULT_METHODS = ("equal", "tawt", "tawt-step", "mgda", "upgrad", "metaweighting", "gradnorm",
-                   "uncertainty")  # fmt: skip
+                   "uncertainty", "metaxt", "xt")  # fmt: skip
 
 
 def _tasks(n_target: int, n_source: int) -> list[Any]:
@@ -107,12 +110,16 @@ def worker(args: argparse.Namespace) -> None:
 
     Trainer._step = timed  # type: ignore[method-assign]
     Trainer._plot_epoch = lambda self: None  # type: ignore[method-assign]
+    in_ddp = Trainer._data_parallel
     env = torchrun_environment()
     records = []
     for run in args.runs.split(","):
-        method, mode = run.split(":")
-        out = Path(args.out) / f"{method}-{mode}"
+        method, mode, *after_step = run.split(":")
+        out = Path(args.out) / run.replace(":", "-")
         times.clear()
+        Trainer._data_parallel = (  # type: ignore[method-assign]
+            (lambda self, wanted: in_ddp(self, False)) if after_step else in_ddp
+        )
         # "all"-task methods: one pass over the target; stream methods: every task's batches.
         tasks = _tasks(16 * args.steps, 16 * args.steps)
         trainer = Trainer(_config(args, method, mode, out), out, progress=False, tasks=tasks)
@@ -122,6 +129,11 @@ def worker(args: argparse.Namespace) -> None:
         record = {
             "method": method,
             "statistics": mode,
+            "summed": (
+                "in the backward (DDP)"
+                if trainer.method.data_parallel and not after_step and env is not None
+                else "after the step"
+            ),
             "processes": 1 if env is None else env["world_size"],
             "threads": torch.get_num_threads(),
             "steps": summary["steps"],
@@ -202,9 +214,9 @@ def _bytes_table(records: list[dict[str, Any]], encoder: str) -> str:
         f"encoder {encoder}: bytes one of 2 processes sent per optimizer step (counted at "
         "every collective pyxtask issues); DDP's own = every trainable parameter once",
         "",
-        "| method | statistics | gradients | statistics | losses | total | DDP's own | "
-        "beyond DDP's own | cheap vs exact (same parameters and batches) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | statistics | gradients summed | gradients | statistics | losses | total | "
+        "DDP's own | beyond DDP's own | cheap vs exact (same parameters and batches) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in records:
         sent = r["distributed"]["bytes_per_step"]
@@ -216,7 +228,7 @@ def _bytes_table(records: list[dict[str, Any]], encoder: str) -> str:
             f"MGDA w {dev['mgda_weight']:.1e}" if dev else ""
         )  # fmt: skip
         lines.append(
-            f"| {r['method']} | {r['statistics']} | {_mb(sent['gradients'])} | "
+            f"| {r['method']} | {r['statistics']} | {r['summed']} | {_mb(sent['gradients'])} | "
             f"{_mb(sent['statistics'])} | {sent['losses']:.0f} B | {_mb(total)} | {_mb(ddp)} | "
             f"{(total - ddp) / 1e6:+.3f} MB ({total / ddp:.2f}x) | {deviation} |"
         )
@@ -227,21 +239,35 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.3f} MB"
 
 
-def _time_table(rows: list[tuple[dict[str, Any], ...]], encoder: str) -> str:
+def _time_table(
+    one: list[dict[str, Any]],
+    cores: list[dict[str, Any]],
+    two: list[dict[str, Any]],
+    encoder: str,
+) -> str:
     lines = [
         f"encoder {encoder}: median optimizer step (Trainer._step), after 2 warm-up steps",
         "",
-        "| method | statistics | 1 process, 1 thread | 1 process, all cores | "
-        "2 processes, 1 thread each | 1 thread / 2 processes |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | statistics | gradients summed | 1 process, 1 thread | 1 process, all cores "
+        "| 2 processes, 1 thread each | 1 thread / 2 processes |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for one, cores, two in rows:
+    alone = {(r["method"], r["statistics"]): (r, c) for r, c in zip(one, cores, strict=True)}
+    for r in two:
+        single, every = alone[r["method"], r["statistics"]]
         lines.append(
-            f"| {two['method']} | {two['statistics']} | {one['step_s']:.3f} s | "
-            f"{cores['step_s']:.3f} s | {two['step_s']:.3f} s | "
-            f"{one['step_s'] / two['step_s']:.2f}x |"
+            f"| {r['method']} | {r['statistics']} | {r['summed']} | {single['step_s']:.3f} s | "
+            f"{every['step_s']:.3f} s | {r['step_s']:.3f} s | "
+            f"{single['step_s'] / r['step_s']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _in_ddp(args: argparse.Namespace, method: str, tmp: Path) -> bool:
+    """Whether the trainer puts ``method`` in DDP (``Method.data_parallel``)."""
+    from pyxtask.methods import make_method
+
+    return bool(make_method(_config(args, method, "exact", tmp), 1.0).data_parallel)
 
 
 def main() -> None:
@@ -279,9 +305,11 @@ def main() -> None:
             timed = runs(args.timed)
             one = _launch(args, timed, 1, 1, tmp, args.steps)
             every = _launch(args, timed, 1, cores, tmp, args.steps)
-            two = _launch(args, timed, 2, max(1, cores // 2), tmp, args.steps)
+            in_ddp = [m for m in args.timed.split(",") if _in_ddp(args, m, tmp)]
+            ddp_off = [f"{m}:exact:after-step" for m in in_ddp]
+            two = _launch(args, timed + ddp_off, 2, max(1, cores // 2), tmp, args.steps)
             result["times"] = {"one": one, "cores": every, "two": two}
-            text += _time_table(list(zip(one, every, two, strict=True)), args.encoder)
+            text += _time_table(one, every, two, args.encoder)
     (RESULTS / f"{args.encoder}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{args.encoder}.md").write_text(text)
     print(text)

@@ -14,11 +14,17 @@ How a run is split (``docs/architecture.md``, *Distributed training*):
   divided by the labelled units (tokens, or labelled texts) of the whole global batch — every
   process knows the global batch, so the count needs no message — so the processes' losses
   and gradients *sum* to the one-process values;
-- no DDP wrapper: the methods run one backward pass per task, and scale or measure each
-  task's gradient in hooks, which DDP's reducer (one all-reduce per backward) does not fit.
-  After a method's step, :meth:`Distributed.sync_gradients` sums every ``.grad`` in one
-  bucketed all-reduce per dtype — DDP's own traffic, with its unused-parameter bitmap —
-  except the gradients a method already summed (:meth:`Distributed.mark_reduced`);
+- a method whose every backward pass adds to one summed gradient (fixed weights, equal,
+  the loss weightings, Uncertainty, SVD: :attr:`pyxtask.methods.Method.data_parallel`) runs
+  its forward passes inside DDP (:meth:`Distributed.data_parallel`): the step's last
+  backward all-reduces the gradient bucket by bucket while it runs. The other methods run
+  one backward pass per task (or probes between steps) and scale or measure each task's
+  gradient in hooks, which DDP's reducer (one all-reduce per forward/backward, every pass
+  since the last one reduced) does not fit: no DDP for them — the per-task passes are DDP's
+  ``no_sync`` — and after their step :meth:`Distributed.sync_gradients` sums every
+  ``.grad`` in one all-reduce per dtype (DDP's traffic, with its unused-parameter bitmap,
+  not overlapped), except the gradients the method already summed
+  (:meth:`Distributed.mark_reduced`);
 - per-task statistics are global, ``exact`` or ``cheap`` (:attr:`Distributed.statistics`; see
   :class:`pyxtask.gradients.TaskGradients`).
 
@@ -32,16 +38,18 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import inspect
 import os
 import signal
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "SINGLE",
@@ -119,7 +127,9 @@ class Distributed:
 
     # -- collectives ---------------------------------------------------------------------------
 
-    def _run(self, what: str, op: Any, *args: Any, **kwargs: Any) -> Any:
+    def run(self, what: str, op: Any, *args: Any, **kwargs: Any) -> Any:
+        """``op(*args, **kwargs)``, a failed collective inside it (``what``) turned into a
+        one-line :class:`DistributedError`."""
         try:
             return op(*args, **kwargs)
         except (RuntimeError, dist.DistError) as exc:
@@ -144,12 +154,12 @@ class Distributed:
         self._count(kind, tensor.numel() * tensor.element_size())
         if self.backend == "nccl" and tensor.device.type != "cuda":
             on_device = tensor.to(f"cuda:{self.local_rank}")
-            self._run(f"all_reduce of {kind}", dist.all_reduce, on_device)
+            self.run(f"all_reduce of {kind}", dist.all_reduce, on_device)
             tensor.copy_(on_device)
             return tensor
         if not tensor.is_contiguous():
             raise ValueError("all_reduce_ needs a contiguous tensor")
-        self._run(f"all_reduce of {kind}", dist.all_reduce, tensor)
+        self.run(f"all_reduce of {kind}", dist.all_reduce, tensor)
         return tensor
 
     def sum_tensors(self, tensors: Sequence[Tensor], kind: str = "statistics") -> list[Tensor]:
@@ -176,7 +186,7 @@ class Distributed:
             src = tensor
             if self.backend == "nccl" and tensor.device.type != "cuda":
                 src = tensor.to(f"cuda:{self.local_rank}")
-            self._run("broadcast", dist.broadcast, src, 0)
+            self.run("broadcast", dist.broadcast, src, 0)
             if src is not tensor:
                 tensor.copy_(src)
 
@@ -185,7 +195,7 @@ class Distributed:
         if not self.enabled:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        self._run("all_gather_object", dist.all_gather_object, out, obj)
+        self.run("all_gather_object", dist.all_gather_object, out, obj)
         return out
 
     def broadcast_object(self, obj: Any) -> Any:
@@ -193,7 +203,7 @@ class Distributed:
         if not self.enabled:
             return obj
         box = [obj]
-        self._run("broadcast_object", dist.broadcast_object_list, box, 0)
+        self.run("broadcast_object", dist.broadcast_object_list, box, 0)
         return box[0]
 
     def barrier(self) -> None:
@@ -261,8 +271,59 @@ class Distributed:
                     "the processes diverged"
                 )
 
+    def data_parallel(self, module: nn.Module) -> DistributedDataParallel:
+        """``module`` wrapped in DDP to run a closure's forward passes: ``ddp(fn)`` returns
+        ``fn()``, and the backward of that output sums (not averages: a process's loss is
+        already its share of the global mean) every gradient of ``module`` over the
+        processes, bucket by bucket while the backward runs. Parameters a closure leaves
+        out are found each step (``find_unused_parameters``), so one task's batch per step
+        works; the module's values are not broadcast (the trainer already did)."""
+        buffers = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        # Buffers (BERT's position ids) are constants: no broadcast before each forward.
+        no_broadcast: dict[str, Any] = (
+            {"forward_sync_buffers": False} if buffers else {"broadcast_buffers": False}
+        )
+        ddp = DistributedDataParallel(
+            _Call(module),
+            device_ids=[self.local_rank] if self.backend == "nccl" else None,
+            init_sync=False,
+            find_unused_parameters=True,
+            **no_broadcast,
+        )
+        ddp.register_comm_hook(self, _sum_bucket)
+        return ddp
+
     def bytes_sent(self) -> dict[str, int]:
         return dict(self.sent)
+
+
+class _Call(nn.Module):
+    """The module DDP wraps: its forward is a closure over the wrapped module's parameters
+    (a method's losses), so any forward a method runs can go through DDP."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, fn: Callable[[], Tensor]) -> Tensor:
+        return fn()
+
+
+def _sum_bucket(state: Distributed, bucket: Any) -> torch.futures.Future[Tensor]:
+    """DDP's communication hook: the bucket (a ``dist.GradBucket``) summed — DDP's default
+    divides by the number of processes."""
+    buffer = bucket.buffer()
+    state._count("gradients", buffer.numel() * buffer.element_size())
+    work = dist.all_reduce(buffer, async_op=True)
+    return cast(torch.futures.Future[Tensor], work.get_future().then(lambda f: f.value()[0]))
+
+
+# DDP checks a hook's annotations against the classes; this module's are strings (PEP 563).
+_sum_bucket.__annotations__ = {
+    "state": Distributed,
+    "bucket": dist.GradBucket,  # type: ignore[attr-defined]
+    "return": torch.futures.Future[Tensor],
+}
 
 
 def unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:

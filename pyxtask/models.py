@@ -328,7 +328,8 @@ class MultiTaskModel(nn.Module):
         folder = default_encoder_path() if path is None else Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"encoder folder {os.fspath(folder)!r} does not exist")
-        encoder_dir, tokenizer_dir, extra = folder, folder, {}
+        encoder_dir, tokenizer_dir = folder, folder
+        extra: dict[str, Any] = {}
         if (folder / _MANIFEST).is_file():  # a saved model (a run's best/): its encoder
             manifest = _read_manifest(folder / _MANIFEST)
             encoder_dir, tokenizer_dir = folder / _ENCODER_DIR, folder / _TOKENIZER_DIR
@@ -581,7 +582,9 @@ class MultiTaskModel(nn.Module):
             tasks.append((entry["name"], label_map))
         # Ask for no pooler where the encoder has a slot for one, so transformers does not warn
         # about (and randomly initialise) pooler weights the checkpoint deliberately lacks.
-        extra = {"add_pooling_layer": False} if manifest["encoder_pooler_slot"] else {}
+        extra: dict[str, Any] = (
+            {"add_pooling_layer": False} if manifest["encoder_pooler_slot"] else {}
+        )
         encoder = AutoModel.from_pretrained(root / _ENCODER_DIR, local_files_only=True, **extra)
         tokenizer = None
         if manifest["tokenizer"]:

@@ -15,8 +15,10 @@ killed run to the same final weights as an uninterrupted one (bitwise on CPU wit
 thread count).
 
 Under torchrun (``pyxtask.distributed``) every process runs this loop over the same global
-steps, each on its slice of every batch; the gradients are summed after the method's step
-(what the method already summed is skipped), so every process takes the same optimizer step
+steps, each on its slice of every batch; the gradients are summed — by DDP while the step's
+last backward runs, for a method that asks for it (``Method.data_parallel``), else after the
+method's step (what the method already summed is skipped) — so every process takes the same
+optimizer step
 and the parameters stay identical (rank 0's are broadcast once, at the start). Rank 0 alone
 writes the run's files (logs, plots, ``best/``, checkpoints — which hold nothing per process,
 so a run resumes on any number of processes); evaluation is split over the processes and
@@ -26,6 +28,7 @@ gathered.
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 import json
 import math
@@ -397,6 +400,7 @@ class Trainer:
                 state.update(epoch=epoch + 1, sampler=None, pending={})
                 self._save_checkpoint(state, phase_index, optimizer, scheduler, started)
             state.update(phase=phase_index + 1, optimizer=None, epoch=0)
+        self._data_parallel(False)
         return self._finish(state, time.perf_counter() - started)
 
     def _epoch(  # noqa: PLR0917
@@ -474,7 +478,7 @@ class Trainer:
         """The method's step, clipping, the optimizer and the schedule."""
         self.dist.begin_step()
         losses = phase.method.step(self.ctx, micro)
-        if self.dist.enabled:  # the processes' gradients summed (what DDP's all-reduce does)
+        if self.dist.enabled:  # the gradients DDP did not sum (all, if the method has no DDP)
             self.dist.sync_gradients([p for g in optimizer.param_groups for p in g["params"]])
         self._steps_run += 1
         # The total norm is needed for clipping anyway; a NaN/inf one names the tasks.
@@ -569,6 +573,7 @@ class Trainer:
         """The phase's optimizer and schedule, fresh or as the checkpoint left them."""
         phase, ctx = self.phases[phase_index], self.ctx
         ctx.phase_tasks = phase.tasks
+        self._data_parallel(phase.method.data_parallel)
         optimizer, scheduler = self._optimizer(phase_index)
         if phase_index == state["phase"] and state["optimizer"] is not None:
             phase.method.load_state_dict(state["method"])
@@ -703,6 +708,16 @@ class Trainer:
 
     # -- processes ------------------------------------------------------------------------------
 
+    def _data_parallel(self, wanted: bool) -> None:
+        """Put the model in DDP for a method that wants it (several processes), or take it
+        out: a phase's reducer must not see the next phase's passes (its hooks stay on the
+        parameters until it is collected)."""
+        if self.ctx.data_parallel is not None:
+            self.ctx.data_parallel = None
+            gc.collect()
+        if wanted and self.dist.enabled:
+            self.ctx.data_parallel = self.dist.data_parallel(self.model)
+
     def _synced_tensors(self) -> list[torch.Tensor]:
         """What must be equal on every process: the model's parameters and buffers and every
         phase's method parameters."""
@@ -733,5 +748,7 @@ class Trainer:
             "backend": self.dist.backend,
             "statistics": self.dist.statistics,
             "steps_here": self._steps_run,
+            # Per phase: the gradients summed by DDP during the backward (else after the step).
+            "data_parallel": {phase.name: phase.method.data_parallel for phase in self.phases},
             "bytes_per_step": {k: (sent[k] - self._sent_at_start.get(k, 0)) / steps for k in sent},
         }

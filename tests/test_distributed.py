@@ -39,9 +39,16 @@ VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
     "tawt-exact": ("tawt", {"similarity": "exact"}),  # eq. 2.7: HVPs summed in the CG solve
     "tawt-samples": ("tawt-samples", {}),  # per-example products split and summed
     "tawt-samples-drawn": ("tawt-samples", {"weights_as": "sampling"}),
+    # Methods in DDP (Method.data_parallel): one task's batch per step (the other heads unused),
+    # every task's with 2 micro-batches (the first accumulated under no_sync), a loss weighting.
+    "normalized-joint": ("fixed", {"paradigm": "normalized-joint"}),
+    "equal-accumulate": ("equal", {"accumulate": 2}),
+    "famo": ("famo", {}),
 }
 METHODS = ("tawt", "tawt-step", "mgda", "metaweighting", "upgrad", "gradnorm", "uncertainty",
            "alignment", *VARIANTS)  # fmt: skip
+#: The methods whose gradients DDP sums (the others' after the step, by the trainer).
+IN_DDP = ("uncertainty", "normalized-joint", "equal-accumulate", "famo")
 PAUSE_AT = 8  # the optimizer step a paused run waits before (checkpoints every 3 steps)
 #: Label transfer runs (run name -> the method, its ``metaxt`` settings, other settings), with
 #: a small network. The exact meta-gradient's run has target batches of 2 (one item to train,
@@ -75,8 +82,10 @@ def _config(method: str, **changes: object) -> object:
     other: dict[str, object] = {}
     if method in VARIANTS:
         method, other = VARIANTS[method]
-    similarity = str(other.get("similarity", "cosine"))
-    weights_as = other.get("weights_as", "loss")
+        other = dict(other)
+    similarity = str(other.pop("similarity", "cosine"))
+    weights_as = other.pop("weights_as", "loss")
+    changes = {**other, **changes}
     if method in LABEL_TRANSFER:
         method, settings, other = LABEL_TRANSFER[method]
         metaxt = MetaXTConfig(label_dim=8, hidden=32, **settings)  # type: ignore[arg-type]
@@ -289,7 +298,8 @@ def test_two_processes_equal_one_process_over_the_same_global_batches(
     assert rank0["summary"]["w"] == rank1["summary"]["w"]
     # ... and equal the one-process run: every weight update, the final parameters.
     w2, w1 = _weights(two), _weights(one)
-    assert len(w2) == len(w1) >= (1 if method == "alignment" else 2)  # alignment: fixed w
+    fixed = method in ("alignment", "normalized-joint", "equal-accumulate")
+    assert len(w2) == len(w1) >= (1 if fixed else 2)
     assert torch.tensor(w2) == pytest.approx(torch.tensor(w1), abs=1e-5)
     _assert_close_models(rank0["model"], single["model"])
     assert rank0["summary"]["steps"] == single["summary"]["steps"]
@@ -308,6 +318,7 @@ def test_two_processes_equal_one_process_over_the_same_global_batches(
     assert train2 == pytest.approx(train1, rel=1e-4)
     info = rank0["summary"]["distributed"]
     assert info["processes"] == 2 and info["statistics"] == "exact"
+    assert set(info["data_parallel"].values()) == {method in IN_DDP}
     assert "distributed" not in single["summary"]
 
 
@@ -359,9 +370,14 @@ def _kill_tree(pid: int) -> None:
                 os.kill(int(child.name), signal.SIGKILL)
 
 
-def test_a_rank_killed_mid_step_fails_the_run_with_one_clear_line(tmp_path: Path) -> None:
+# MGDA's survivor waits in the per-task statistics' all-reduce, normalized joint's in DDP's
+# gradient all-reduce inside the backward pass.
+@pytest.mark.parametrize("method", ["mgda", "normalized-joint"])
+def test_a_rank_killed_mid_step_fails_the_run_with_one_clear_line(
+    tmp_path: Path, method: str
+) -> None:
     started = time.monotonic()
-    proc = _torchrun(tmp_path, "die", "mgda")
+    proc = _torchrun(tmp_path, "die", method)
     out, _ = proc.communicate(timeout=120)
     died = float((tmp_path / "died").read_text())
     assert proc.returncode != 0
@@ -373,10 +389,11 @@ def test_a_rank_killed_mid_step_fails_the_run_with_one_clear_line(tmp_path: Path
     assert time.monotonic() - started < 120
 
 
-def test_a_hung_rank_fails_the_run_within_the_timeout(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["mgda", "normalized-joint"])
+def test_a_hung_rank_fails_the_run_within_the_timeout(tmp_path: Path, method: str) -> None:
     """Rank 1 sleeps inside a step: rank 0's next collective times out (20 s) with one line,
     and torchrun then stops rank 1, which says so in one line."""
-    proc = _torchrun(tmp_path, "hang", "mgda")
+    proc = _torchrun(tmp_path, "hang", method)
     out, _ = proc.communicate(timeout=120)
     hung = float((tmp_path / "hangd").read_text())
     assert proc.returncode != 0

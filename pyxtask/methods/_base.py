@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, ClassVar, Literal, cast
 
 import torch
@@ -95,6 +96,9 @@ class StepContext:
         self.epoch = 0
         self._steps_per_epoch: int | Callable[[], int] = 1
         self._aligned: list[tuple[int, ...]] | None = None
+        #: The model in DDP (:meth:`pyxtask.distributed.Distributed.data_parallel`) while a
+        #: :attr:`Method.data_parallel` method trains on several processes, else None.
+        self.data_parallel: nn.Module | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -207,6 +211,29 @@ class StepContext:
         """These parameters' ``.grad`` already hold the all-process value (computed from
         global statistics): the trainer's gradient all-reduce skips them this step."""
         self.distributed.mark_reduced(parameters)
+
+    def backward(self, objective: Callable[[], Tensor], *, last: bool = True) -> None:
+        """Backward ``objective()``: one summed loss, its forward passes run by the call.
+
+        With one process: ``objective().backward()``. Under torchrun, for a method whose
+        every backward pass adds to the step's gradient (:attr:`Method.data_parallel`), the
+        forward runs inside DDP: the ``last`` backward of the step sums the gradients over
+        the processes while it runs (earlier ones accumulate locally, DDP's ``no_sync``),
+        and the trainer does not sum the model's gradients again.
+        """
+        ddp = self.data_parallel
+        if ddp is None:
+            torch.autograd.backward(objective())
+            return
+        if not last:
+            with cast(Any, ddp).no_sync():
+                torch.autograd.backward(ddp(objective))
+            return
+        loss = ddp(objective)
+        self.distributed.run(
+            "the gradient all-reduce (DDP) in the backward pass", torch.autograd.backward, loss
+        )
+        self.distributed.mark_reduced([p for p in ddp.parameters() if p.requires_grad])
 
     # -- losses --------------------------------------------------------------------------------
 
@@ -426,6 +453,13 @@ class Method:
     #: Where the target's held-out set comes from: a split of its training examples, or its
     #: dev split (then every training example trains, but the dev set also picks weights).
     target_holdout: Literal["split", "dev"] = "split"
+    #: Every backward pass it runs — in steps and between them — adds to the step's summed
+    #: gradient through :meth:`StepContext.backward` (no per-task passes, no probes): under
+    #: torchrun the trainer then puts the model in DDP, which sums the gradient while the
+    #: step's last backward runs. Methods that measure per-task gradients leave it False
+    #: (DDP would sum every pass since its last reduction) and get one all-reduce after
+    #: the step.
+    data_parallel: ClassVar[bool] = False
     #: Learning rate of :meth:`parameters` (their own optimizer group).
     lr: float = 1e-2
     #: How :meth:`measured_backward` takes the per-task statistics: ``"auto"`` streams them
@@ -569,6 +603,17 @@ def checked_losses(
     return losses
 
 
+def _weighted_sum(
+    ctx: StepContext, step: Step, read: StepLosses, weights: Sequence[float] | None, m: int
+) -> Tensor:
+    """``sum_t w_t L_t / m`` of one micro-batch (``w = 1`` by default), its losses kept."""
+    losses = ctx.step_losses(step)
+    read.add(losses)
+    w = [1.0] * len(losses) if weights is None else list(weights)
+    scaled = [None if loss is None else loss / m if m > 1 else loss for loss in losses]
+    return cast(Tensor, sum(w[t] * loss for t, loss in enumerate(scaled) if loss is not None))
+
+
 def backward_all(
     ctx: StepContext,
     micro_batches: list[Step],
@@ -584,15 +629,13 @@ def backward_all(
     read = StepLosses(ctx, m)
     try:
         for j, step in enumerate(micro_batches):
+            if grads is None:
+                ctx.backward(partial(_weighted_sum, ctx, step, read, weights, m), last=j == m - 1)
+                continue
             losses = ctx.step_losses(step)
             read.add(losses)
             scaled = [None if loss is None else loss / m if m > 1 else loss for loss in losses]
-            if grads is None:
-                w = [1.0] * len(losses) if weights is None else list(weights)
-                total = sum(w[t] * loss for t, loss in enumerate(scaled) if loss is not None)
-                torch.autograd.backward(cast(Tensor, total))
-            else:
-                stats.append(grads.backward(scaled, weights, accumulate=j > 0))
+            stats.append(grads.backward(scaled, weights, accumulate=j > 0))
     except NonFiniteGradientError:
         read.values()  # a non-finite loss is the cause to report, if there is one
         raise

@@ -86,6 +86,7 @@ class AlignmentMethod(StreamMethod):
 
     name = "alignment"
     sampling: ClassVar[Sampling] = "one"
+    data_parallel: ClassVar[bool] = False  # Alg. 1's steps backward into R and heads only
 
     def __init__(
         self,

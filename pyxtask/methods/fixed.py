@@ -11,12 +11,13 @@ weights is a :class:`~pyxtask.weighting.Weighting`: :class:`~pyxtask.weighting.T
 plain summed-loss step that every per-step method is measured against.
 
 Across processes (torchrun) both need no statistics: each process backwards its share of the
-batch, and the gradients are summed by the trainer (what DDP's all-reduce sends, no more).
+batch inside DDP, which sums the gradients while the step's last backward runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, ClassVar, cast
 
 import torch
@@ -39,6 +40,7 @@ class StreamMethod(Method):
 
     name = "fixed"
     sampling: ClassVar[Sampling] = "one"
+    data_parallel: ClassVar[bool] = True
 
     def __init__(
         self, make_weighting: Callable[[Sequence[int]], Weighting], weights_as: str = "loss"
@@ -71,15 +73,14 @@ class StreamMethod(Method):
         m = len(micro_batches)
         tasks: list[int] = []
         losses: list[Tensor] = []
-        for step in micro_batches:
+        for j, step in enumerate(micro_batches):
             ((t, indices),) = step
             factor = 1.0
             if self.weights_as == "loss":
                 factor = float(self.weighting.loss_factors()[t])
-            loss = ctx.batch_loss(t, indices)
-            torch.autograd.backward(loss * factor if m == 1 else loss * (factor / m))
+            scale = factor if m == 1 else factor / m
+            ctx.backward(partial(_scaled_loss, ctx, t, indices, scale, losses), last=j == m - 1)
             tasks.append(t)
-            losses.append(loss)
         return ctx.mean_losses(tasks, losses)
 
     def task_probabilities(self) -> list[float] | None:
@@ -101,11 +102,20 @@ class StreamMethod(Method):
         self.weighting.load_state_dict(cast(dict[str, Any], state["weighting"]))
 
 
+def _scaled_loss(
+    ctx: StepContext, t: int, indices: list[int], scale: float, losses: list[Tensor]
+) -> Tensor:
+    loss = ctx.batch_loss(t, indices)
+    losses.append(loss)
+    return loss * scale
+
+
 class EqualMethod(Method):
     """Every task's batch in every step, each task's mean loss counting once (ω = 1/T)."""
 
     name = "equal"
     sampling: ClassVar[Sampling] = "all"
+    data_parallel: ClassVar[bool] = True
 
     def bind(self, ctx: StepContext) -> None:
         self.num_tasks = ctx.num_tasks

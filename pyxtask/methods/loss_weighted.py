@@ -21,6 +21,7 @@ batch). With gradient accumulation the factors are computed from the first micro
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, ClassVar, Literal, cast
 
 import torch
@@ -46,6 +47,7 @@ class LossWeightedMethod(Method):
 
     sampling: ClassVar[Sampling] = "all"
     adaptive: ClassVar[bool] = True
+    data_parallel: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -72,23 +74,29 @@ class LossWeightedMethod(Method):
         return type(cast(LossWeighting, self.weighting)).update is not LossWeighting.update
 
     def step(self, ctx: StepContext, micro_batches: list[Step]) -> dict[int, float]:
-        weighting = cast(LossWeighting, self.weighting)
         m = len(micro_batches)
         totals: dict[int, float] = {}
         for j, step in enumerate(micro_batches):
-            losses = checked_losses(ctx, step, totals, m)
-            if j == 0:
-                values = _values(ctx, self.name, losses)
-                if self.update_with == "next-step" and getattr(weighting, "pending", False):
-                    weighting.update(values)
-                w = weighting.observe(values)
-                scale = ctx.num_tasks if weighting.scale == "mean" else 1
-                self._factors = w * scale
-                self._first = step
-            f = cast(Tensor, self._factors).tolist()
-            total = sum(f[t] * loss / m for t, loss in enumerate(losses) if loss is not None)
-            torch.autograd.backward(cast(Tensor, total))
+            ctx.backward(partial(self._objective, ctx, step, j, m, totals), last=j == m - 1)
         return totals
+
+    def _objective(
+        self, ctx: StepContext, step: Step, j: int, m: int, totals: dict[int, float]
+    ) -> Tensor:
+        """Micro-batch ``j``'s weighted loss; the first one's losses set the weights."""
+        weighting = cast(LossWeighting, self.weighting)
+        losses = checked_losses(ctx, step, totals, m)
+        if j == 0:
+            values = _values(ctx, self.name, losses)
+            if self.update_with == "next-step" and getattr(weighting, "pending", False):
+                weighting.update(values)
+            w = weighting.observe(values)
+            scale = ctx.num_tasks if weighting.scale == "mean" else 1
+            self._factors = w * scale
+            self._first = step
+        f = cast(Tensor, self._factors).tolist()
+        total = sum(f[t] * loss / m for t, loss in enumerate(losses) if loss is not None)
+        return cast(Tensor, total)
 
     def after_update(self, ctx: StepContext) -> None:
         weighting = cast(LossWeighting, self.weighting)

@@ -14,6 +14,7 @@ and only row of ``weights.csv``.
 from __future__ import annotations
 
 import random
+from functools import partial
 from typing import Any, ClassVar, cast
 
 import torch
@@ -73,6 +74,7 @@ class SVDWeightMethod(Method):
 
     name = "svd"
     sampling: ClassVar[Sampling] = "shared"
+    data_parallel: ClassVar[bool] = True
 
     def __init__(self, rank: int | None = None, examples: int = 512, center: bool = True) -> None:
         super().__init__()
@@ -109,12 +111,9 @@ class SVDWeightMethod(Method):
         m = len(micro_batches)
         factors = (self.alpha.numel() * self.weights()[0]).tolist()
         read = StepLosses(ctx, m)
-        for step in micro_batches:
+        for j, step in enumerate(micro_batches):
             ((_, rows),) = step
-            _, losses = ctx.shared_losses(rows)
-            read.add(list(losses))
-            total = torch.stack([f * loss for f, loss in zip(factors, losses, strict=True)]).sum()
-            torch.autograd.backward(total / m if m > 1 else total)
+            ctx.backward(partial(_weighted_shared, ctx, rows, factors, read, m), last=j == m - 1)
         return read.values()
 
     def weights(self) -> tuple[Tensor, Tensor]:
@@ -140,3 +139,13 @@ class SVDWeightMethod(Method):
                 f"the state has {alpha.numel()} weights, this run {self.alpha.numel()}"
             )
         self.alpha = alpha.clone()
+
+
+def _weighted_shared(
+    ctx: StepContext, rows: list[int], factors: list[float], read: StepLosses, m: int
+) -> Tensor:
+    """``sum_t f_t L_t / m`` on the shared rows (one encoder pass), its losses kept."""
+    _, losses = ctx.shared_losses(rows)
+    read.add(list(losses))
+    total = torch.stack([f * loss for f, loss in zip(factors, losses, strict=True)]).sum()
+    return total / m if m > 1 else total

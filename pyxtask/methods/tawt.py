@@ -46,6 +46,7 @@ class TAWTMethod(StreamMethod):
 
     name = "tawt"
     adaptive: ClassVar[bool] = True
+    data_parallel: ClassVar[bool] = False  # the probes backward between steps
 
     def __init__(
         self,

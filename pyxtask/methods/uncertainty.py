@@ -12,7 +12,8 @@ Across processes (torchrun) each process's objective holds its share of the loss
 
 from __future__ import annotations
 
-from typing import ClassVar
+from functools import partial
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,7 @@ class UncertaintyMethod(Method):
     name = "uncertainty"
     sampling: ClassVar[Sampling] = "all"
     adaptive: ClassVar[bool] = True
+    data_parallel: ClassVar[bool] = True
 
     def __init__(self, *, lr: float = 0.01) -> None:
         super().__init__()
@@ -45,16 +47,20 @@ class UncertaintyMethod(Method):
         assert self.uncertainty is not None
         m = len(micro_batches)
         read = StepLosses(ctx, m)
-        for step in micro_batches:
-            losses = ctx.step_losses(step)
-            read.add(losses)
-            stacked = torch.stack([loss.double() for loss in losses if loss is not None])
-            objective = self.uncertainty(stacked)
-            R = ctx.distributed.world_size
-            if R > 1:  # the processes' objectives are summed: each adds s_t / 2 only once in R
-                objective = objective - (1 - 1 / R) * 0.5 * self.uncertainty.log_vars.sum()
-            torch.autograd.backward(objective / m)
+        for j, step in enumerate(micro_batches):
+            ctx.backward(partial(self._objective, ctx, step, read, m), last=j == m - 1)
         return read.values()
+
+    def _objective(self, ctx: StepContext, step: Step, read: StepLosses, m: int) -> Tensor:
+        assert self.uncertainty is not None
+        losses = ctx.step_losses(step)
+        read.add(losses)
+        stacked = torch.stack([loss.double() for loss in losses if loss is not None])
+        objective = self.uncertainty(stacked)
+        R = ctx.distributed.world_size
+        if R > 1:  # the processes' objectives are summed: each adds s_t / 2 only once in R
+            objective = objective - (1 - 1 / R) * 0.5 * self.uncertainty.log_vars.sum()
+        return cast(Tensor, objective / m)
 
     def after_update(self, ctx: StepContext) -> None:
         self.updates += 1
