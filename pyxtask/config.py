@@ -335,6 +335,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip: float = 1.0
     max_length: int = 128
+    #: Dropout before every head's linear layer; the encoder keeps its own configuration's
+    #: (``hidden_dropout_prob``, ``attention_probs_dropout_prob``: 0.1 for MiniLM).
     dropout: float = 0.1
     seed: int = 0
     device: str = "auto"
