@@ -603,6 +603,11 @@ def checked_losses(
     return losses
 
 
+def _divided(losses: list[Tensor | None], m: int) -> list[Tensor | None]:
+    """Each loss over the ``m`` micro-batches (untouched for one: bitwise the plain step)."""
+    return [None if loss is None else loss / m if m > 1 else loss for loss in losses]
+
+
 def _weighted_sum(
     ctx: StepContext, step: Step, read: StepLosses, weights: Sequence[float] | None, m: int
 ) -> Tensor:
@@ -610,7 +615,7 @@ def _weighted_sum(
     losses = ctx.step_losses(step)
     read.add(losses)
     w = [1.0] * len(losses) if weights is None else list(weights)
-    scaled = [None if loss is None else loss / m if m > 1 else loss for loss in losses]
+    scaled = _divided(losses, m)
     return cast(Tensor, sum(w[t] * loss for t, loss in enumerate(scaled) if loss is not None))
 
 
@@ -634,7 +639,7 @@ def backward_all(
                 continue
             losses = ctx.step_losses(step)
             read.add(losses)
-            scaled = [None if loss is None else loss / m if m > 1 else loss for loss in losses]
+            scaled = _divided(losses, m)
             stats.append(grads.backward(scaled, weights, accumulate=j > 0))
     except NonFiniteGradientError:
         read.values()  # a non-finite loss is the cause to report, if there is one
